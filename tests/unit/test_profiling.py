@@ -1,0 +1,454 @@
+"""Tests for titanax.profiling: HLO collective parsing, memory/cost introspection, units."""
+# ruff: noqa: E501  (HLO lines below are kept verbatim, as XLA prints them)
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+# tests/conftest.py sets these for the whole suite; they are repeated here so this module also runs
+# on its own. They must be set before JAX initializes its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from titanax.exceptions import TitanaxError  # noqa: E402
+from titanax.profiling import (  # noqa: E402
+    COLLECTIVE_KINDS,
+    CollectiveStats,
+    CompiledStats,
+    count_collectives,
+    human_bytes,
+    human_count,
+    inspect,
+    shape_bytes,
+)
+from titanax.profiling.compiled import _stats_from  # noqa: E402
+
+F32 = 4
+
+
+# --------------------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (0, "0 B"),
+        (1, "1 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (1536, "1.50 KiB"),
+        (1024**2 - 1, "1.00 MiB"),  # rounds up into the next unit, never "1024.00 KiB"
+        (256 * 1024**2, "256.00 MiB"),
+        (3 * 1024**3, "3.00 GiB"),
+        (5 * 1024**4, "5.00 TiB"),
+        (-2048, "-2.00 KiB"),
+        (1024**7, "1024.00 EiB"),
+        (1536.0, "1.50 KiB"),
+    ],
+)
+def test_human_bytes(n, text):
+    assert human_bytes(n) == text
+
+
+@pytest.mark.parametrize("bad", ["12", None, True, float("nan")])
+def test_human_bytes_rejects_non_numbers(bad):
+    with pytest.raises(TitanaxError) as info:
+        human_bytes(bad)
+    assert info.value.suggestion
+
+
+def test_human_count():
+    assert human_count(950, "FLOP") == "950 FLOP"
+    assert human_count(4_194_304, "FLOP") == "4.19 MFLOP"
+    assert human_count(999_999) == "1.00 M"
+    assert human_count(2.5e12, "FLOP") == "2.50 TFLOP"
+
+
+# ------------------------------------------------------------------------------ HLO shape sizes
+
+
+@pytest.mark.parametrize(
+    "shape, nbytes",
+    [
+        ("f32[8,16]{1,0}", 8 * 16 * 4),
+        ("f32[]", 4),
+        ("bf16[4,4]{1,0}", 32),
+        ("f16[3]{0}", 6),
+        ("f8e4m3fn[10]{0}", 10),
+        ("f8e5m2[3,3]{1,0}", 9),
+        ("s4[3]{0}", 2),  # packed sub-byte type, rounded up to whole bytes
+        ("pred[7]{0}", 7),
+        ("c64[2]{0}", 16),
+        ("f64[2,2]", 32),
+        ("(f32[2]{0}, (s32[3]{0}, pred[]))", 8 + 12 + 1),
+        ("(f32[8]{0}, /*index=1*/bf16[8]{0})", 32 + 16),
+        ("f32[<=8,16]{1,0}", 512),  # dynamic dimension counts at its bound
+        ("f32[8,128]{1,0:T(8,128)}", 8 * 128 * 4),  # TPU tiled layout
+        ("f32[8]{0:S(1)}", 32),  # memory-space annotation
+        ("token[]", 0),
+    ],
+)
+def test_shape_bytes(shape, nbytes):
+    assert shape_bytes(shape) == nbytes
+
+
+# ------------------------------------------------------------------- parser on literal HLO lines
+
+KIND_LINES = {
+    "all-reduce": "  %all-reduce = f32[32,64]{1,0} all-reduce(%fusion.1), channel_id=3, "
+    "replica_groups=[4,2]<=[8], use_global_device_ids=true, to_apply=%add.clone",
+    "all-gather": "  %all-gather.2 = f32[32,512]{1,0} all-gather(%p), channel_id=6, "
+    "replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}, use_global_device_ids=true",
+    "reduce-scatter": "  %reduce-scatter = bf16[4,64]{1,0} reduce-scatter(%x), channel_id=2, "
+    "replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add",
+    "collective-permute": "  %collective-permute = f32[8,64]{1,0} collective-permute(%x), "
+    "channel_id=4, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}",
+    "all-to-all": "  %all-to-all = f32[1,512]{1,0} all-to-all(%x), channel_id=5, "
+    "replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={1}",
+    "collective-broadcast": "  %collective-broadcast = f8e4m3fn[128]{0} collective-broadcast(%x), "
+    "replica_groups={{0,1}}",
+    "ragged-all-to-all": "  ragged_all_to_all.1 = f32[16]{0} ragged-all-to-all(reshape.2, "
+    "broadcast.7, mul.4, broadcast.6, broadcast_in_dim.1, broadcast.6), channel_id=1, "
+    "replica_groups={{0,1,2,3,4,5,6,7}}",
+}
+KIND_BYTES = {
+    "all-reduce": 32 * 64 * 4,
+    "all-gather": 32 * 512 * 4,
+    "reduce-scatter": 4 * 64 * 2,
+    "collective-permute": 8 * 64 * 4,
+    "all-to-all": 512 * 4,
+    "collective-broadcast": 128,
+    "ragged-all-to-all": 16 * 4,
+}
+
+
+def test_kind_tables_cover_every_kind():
+    assert set(KIND_LINES) == set(COLLECTIVE_KINDS) == set(KIND_BYTES)
+
+
+@pytest.mark.parametrize("kind", COLLECTIVE_KINDS)
+def test_parser_counts_each_kind(kind):
+    stats = count_collectives(KIND_LINES[kind])
+    assert list(stats) == list(COLLECTIVE_KINDS)  # every kind present, fixed order
+    assert stats[kind] == CollectiveStats(count=1, bytes=KIND_BYTES[kind])
+    assert all(s == CollectiveStats(0, 0) for k, s in stats.items() if k != kind)
+
+
+def test_parser_all_kinds_together_and_root():
+    text = "\n".join(KIND_LINES.values()) + "\n  ROOT %all-reduce.9 = f32[] all-reduce(%s), to_apply=%add"
+    stats = count_collectives(text)
+    assert stats["all-reduce"] == CollectiveStats(2, KIND_BYTES["all-reduce"] + 4)
+    for kind in COLLECTIVE_KINDS[1:]:
+        assert stats[kind] == CollectiveStats(1, KIND_BYTES[kind])
+
+
+def test_parser_async_pairs_counted_once_with_result_bytes():
+    text = """
+  %all-gather-start = (f32[4,64]{1,0}, f32[16,64]{1,0}) all-gather-start(f32[4,64]{1,0} %p), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  %all-gather-done = f32[16,64]{1,0} all-gather-done((f32[4,64]{1,0}, f32[16,64]{1,0}) %all-gather-start)
+  %all-reduce-start = bf16[1024]{0} all-reduce-start(bf16[1024]{0} %g), replica_groups={}, to_apply=%add
+  %all-reduce-done = bf16[1024]{0} all-reduce-done(bf16[1024]{0} %all-reduce-start)
+  %collective-permute-start = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(f32[8]{0} %a), source_target_pairs={{0,1},{1,0}}
+  ROOT %collective-permute-done = f32[8]{0} collective-permute-done((f32[8]{0}, f32[8]{0}, u32[], u32[]) %collective-permute-start)
+"""
+    stats = count_collectives(text)
+    assert stats["all-gather"] == CollectiveStats(1, 16 * 64 * 4)
+    assert stats["all-reduce"] == CollectiveStats(1, 1024 * 2)
+    assert stats["collective-permute"] == CollectiveStats(1, 8 * 4)
+
+
+def test_parser_generic_async_wrapper_counts_the_wrapped_op_once():
+    text = """
+%async_computation (param_0: f32[64]) -> f32[8] {
+  %param_0 = f32[64]{0} parameter(0)
+  ROOT %reduce-scatter.1 = f32[8]{0} reduce-scatter(f32[64]{0} %param_0), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (p: f32[64]) -> f32[8] {
+  %p = f32[64]{0} parameter(0)
+  %reduce-scatter-start = ((f32[64]{0}), f32[8]{0}, s32[]) async-start(f32[64]{0} %p), calls=%async_computation
+  ROOT %reduce-scatter-done = f32[8]{0} async-done(((f32[64]{0}), f32[8]{0}, s32[]) %reduce-scatter-start)
+}
+"""
+    assert count_collectives(text)["reduce-scatter"] == CollectiveStats(1, 32)
+
+
+def test_parser_tuple_results_are_summed():
+    line = ("  %all-reduce.4 = (f32[512,256]{1,0}, f32[], /*index=2*/bf16[10]{0}) "
+            "all-reduce(%dot.3, %r, %b), channel_id=5, replica_groups=[2,4]<=[4,2]T(1,0), to_apply=%add")
+    assert count_collectives(line)["all-reduce"] == CollectiveStats(1, 512 * 256 * 4 + 4 + 20)
+    a2a = "  %all-to-all.1 = (f32[2,4]{1,0}, f32[2,4]{1,0}) all-to-all(%a, %b), replica_groups={{0,1}}"
+    assert count_collectives(a2a)["all-to-all"] == CollectiveStats(1, 64)
+
+
+def test_parser_counts_ops_inside_fusion_and_while_bodies_once_per_appearance():
+    text = """HloModule jit_step, is_scheduled=true, num_partitions=8
+
+%fused_computation (param_0.1: f32[8,16]) -> f32[8,16] {
+  %param_0.1 = f32[8,16]{1,0} parameter(0)
+  ROOT %all-reduce.7 = f32[8,16]{1,0} all-reduce(f32[8,16]{1,0} %param_0.1), replica_groups={}, to_apply=%add
+}
+
+%body (carry: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %carry = (s32[], f32[8,16]{1,0}) parameter(0)
+  %x = f32[8,16]{1,0} get-tuple-element((s32[], f32[8,16]{1,0}) %carry), index=1
+  %all-gather.3 = f32[64,16]{1,0} all-gather(f32[8,16]{1,0} %x), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %collective-permute.1 = f32[8,16]{1,0} collective-permute(f32[8,16]{1,0} %x), source_target_pairs={{0,1},{1,0}}
+  ROOT %t = (s32[], f32[8,16]{1,0}) tuple(%i, %collective-permute.1)
+}
+
+ENTRY %main (p: f32[8,16]) -> f32[8,16] {
+  %p = f32[8,16]{1,0} parameter(0)
+  %fusion = f32[8,16]{1,0} fusion(f32[8,16]{1,0} %p), kind=kLoop, calls=%fused_computation
+  %while = (s32[], f32[8,16]{1,0}) while((s32[], f32[8,16]{1,0}) %init), condition=%cond, body=%body
+  ROOT %out = f32[8,16]{1,0} get-tuple-element(%while), index=1
+}
+"""
+    stats = count_collectives(text)
+    assert stats["all-reduce"] == CollectiveStats(1, 512)
+    assert stats["all-gather"] == CollectiveStats(1, 64 * 16 * 4)
+    assert stats["collective-permute"] == CollectiveStats(1, 512)
+
+
+def test_parser_ignores_lookalikes():
+    text = """
+  %all-reduce-fusion = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused, metadata={op_name="x all-reduce(y)"}
+  %all-gather.3 = f32[8]{0} copy(%a)
+  %reduce-scatter-start = ((f32[64]{0}), f32[8]{0}) async-start(%p), calls=%wrapped
+  %reduce-scatter-done = f32[8]{0} async-done(%reduce-scatter-start)
+  %add.1 = f32[] add(%x, %y), metadata={op_name="jit(f)/all-to-all"}
+  // %all-reduce = f32[8]{0} all-reduce(%a) in a comment-like line without an instruction head
+"""
+    stats = count_collectives(text)
+    assert all(s == CollectiveStats(0, 0) for s in stats.values()), stats
+
+
+def test_parser_accepts_names_without_percent_sign():
+    line = "  ROOT all-gather.1 = bf16[8,4]{1,0} all-gather(p.1), replica_groups={{0,1}}, dimensions={0}"
+    assert count_collectives(line)["all-gather"] == CollectiveStats(1, 64)
+
+
+def test_count_collectives_rejects_non_text():
+    with pytest.raises(TitanaxError) as info:
+        count_collectives(b"%all-reduce = f32[] all-reduce(%x)")
+    assert "as_text" in info.value.suggestion
+
+
+# --------------------------------------------------------------------- CompiledStats behaviour
+
+
+def test_stats_methods_and_kind_validation():
+    stats = CompiledStats(collectives={"all-reduce": CollectiveStats(2, 64),
+                                       "all-gather": CollectiveStats(1, 1024)})
+    assert stats.count("all-reduce") == stats.count("all_reduce") == 2
+    assert stats.bytes("all-gather") == 1024
+    assert stats.count("reduce-scatter") == 0  # known kind, absent from the mapping
+    assert stats.total_collective_bytes == 1088
+    assert stats.total_collective_count == 3
+    with pytest.raises(TitanaxError) as info:
+        stats.count("psum")
+    assert "all-reduce" in info.value.suggestion
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.flops = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        stats.collectives["all-to-all"] = CollectiveStats(1, 1)  # type: ignore[index]
+
+
+def test_peak_bytes_prefers_reported_peak_and_falls_back_to_sum():
+    base = dict(argument_bytes=100, output_bytes=50, alias_bytes=20, temp_bytes=10)
+    summed = CompiledStats(**base)
+    assert (summed.peak_bytes, summed.peak_source, summed.allocated_bytes) == (140, "sum", 140)
+    reported = CompiledStats(**base, reported_peak_bytes=120)
+    assert (reported.peak_bytes, reported.peak_source, reported.allocated_bytes) == (120, "reported", 140)
+    empty = CompiledStats()
+    assert (empty.peak_bytes, empty.peak_source) == (None, "unavailable")
+
+
+def test_stats_from_handles_missing_and_list_shaped_backend_answers():
+    # Older JAX returned cost_analysis() as a list of dicts (one per executable); newer a dict.
+    stats = _stats_from(None, [{"flops": 10.0, "bytes accessed": 4.0}, {"flops": 5.0}], None)
+    assert (stats.flops, stats.bytes_accessed) == (15.0, 4.0)
+    assert stats.argument_bytes is None and stats.peak_bytes is None
+    assert dict(stats.collectives) == {} and stats.count("all-reduce") == 0
+    text = stats.describe()
+    assert "n/a" in text and "unavailable" in text
+    as_dict = _stats_from(None, {"flops": 7.0}, "")
+    assert as_dict.flops == 7.0 and as_dict.bytes_accessed is None
+    assert _stats_from(None, None, None).flops is None
+
+
+# ------------------------------------------------------------------ real compiled programs (CPU)
+
+
+@pytest.fixture(scope="module")
+def devices8():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+                    "must be set before JAX initializes")
+    return jax.devices()[:8]
+
+
+def _mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _sds(shape, sharding, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def test_sharded_matmul_memory_and_flops_are_per_device(devices8):
+    mesh = _mesh((4, 2), ("data", "model"))
+    M, K, N = 64, 128, 256
+    xs, ws = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P(None, "model"))
+    lowered = jax.jit(lambda x, w: x @ w, in_shardings=(xs, ws)).lower(
+        _sds((M, K), xs), _sds((K, N), ws))
+    stats = inspect(lowered.compile())
+
+    assert stats.argument_bytes == (M // 4) * K * F32 + K * (N // 2) * F32
+    assert stats.output_bytes == (M // 4) * (N // 2) * F32
+    assert stats.alias_bytes == 0
+    assert stats.total_collective_count == 0  # both operands already laid out for the output
+    assert stats.num_partitions == 8
+    # XLA's cost model counts the partitioned program: one device's share of 2*M*K*N.
+    assert stats.flops == pytest.approx(2 * M * K * N / 8, rel=1e-3)
+    # Unlike the lowered (unpartitioned) module, which counts the whole matmul.
+    lowered_cost = lowered.cost_analysis()
+    lowered_cost = lowered_cost[0] if isinstance(lowered_cost, list) else lowered_cost
+    assert lowered_cost["flops"] == pytest.approx(2 * M * K * N, rel=1e-3)
+    assert stats.bytes_accessed and stats.bytes_accessed >= stats.argument_bytes
+
+
+def test_contraction_sharded_matmul_all_reduces_full_output(devices8):
+    mesh = _mesh((8,), ("d",))
+    M, K, N = 32, 256, 64
+    xs, ws = NamedSharding(mesh, P(None, "d")), NamedSharding(mesh, P("d", None))
+    out = NamedSharding(mesh, P())
+    stats = inspect(jax.jit(lambda x, w: x @ w, in_shardings=(xs, ws), out_shardings=out)
+                    .lower(_sds((M, K), xs), _sds((K, N), ws)))  # a Lowered is compiled for us
+    assert stats.count("all-reduce") == 1
+    assert stats.bytes("all-reduce") == M * N * F32  # partial sums of the full output
+    assert stats.argument_bytes == (M * K + K * N) * F32 // 8
+    assert stats.flops == pytest.approx(2 * M * K * N / 8, rel=0.05)  # + the all-reduce's adds
+
+
+def test_shard_map_program_emits_each_collective_kind(devices8):
+    mesh = _mesh((8,), ("d",))
+
+    def body(blk):  # blk: f32[8, 64] on each device
+        a = jax.lax.psum(blk, "d")
+        b = jax.lax.all_gather(blk, "d", tiled=True)
+        c = jax.lax.psum_scatter(blk, "d", scatter_dimension=0, tiled=True)
+        d = jax.lax.ppermute(blk, "d", perm=[(i, (i + 1) % 8) for i in range(8)])
+        e = jax.lax.all_to_all(blk, "d", split_axis=0, concat_axis=1, tiled=True)
+        return (a.sum() + b.sum() + c.sum() + d.sum() + e.sum())[None]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+    stats = inspect(f.lower(_sds((64, 64), NamedSharding(mesh, P("d")))).compile())
+    blk = 8 * 64 * F32
+    assert stats.collectives["all-reduce"] == CollectiveStats(1, blk)
+    assert stats.collectives["all-gather"] == CollectiveStats(1, 8 * blk)
+    assert stats.collectives["reduce-scatter"] == CollectiveStats(1, blk // 8)
+    assert stats.collectives["collective-permute"] == CollectiveStats(1, blk)
+    assert stats.collectives["all-to-all"] == CollectiveStats(1, blk)
+    assert stats.count("collective-broadcast") == stats.count("ragged-all-to-all") == 0
+    assert stats.total_collective_bytes == blk * (1 + 8 + 1 + 1) + blk // 8
+
+
+def test_ragged_all_to_all_in_lowered_hlo_text(devices8):
+    # XLA:CPU cannot compile ragged-all-to-all, but the lowered HLO already holds the op.
+    mesh = _mesh((8,), ("d",))
+
+    def body(x):  # x: f32[1, 16] on each device; send 2 elements to every peer
+        sizes = jnp.full((8,), 2, jnp.int32)
+        offsets = jnp.arange(8, dtype=jnp.int32) * 2
+        out_offsets = jnp.full((8,), jax.lax.axis_index("d") * 2, jnp.int32)
+        r = jax.lax.ragged_all_to_all(x.reshape(-1), jnp.zeros((16,), x.dtype), offsets, sizes,
+                                      out_offsets, sizes, axis_name="d")
+        return r[None]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+    text = f.lower(_sds((8, 16), NamedSharding(mesh, P("d")))).as_text(dialect="hlo")
+    assert count_collectives(text)["ragged-all-to-all"] == CollectiveStats(1, 16 * F32)
+
+
+def test_data_parallel_sgd_step_all_reduces_exactly_the_gradients(devices8):
+    mesh = _mesh((8,), ("data",))
+    D, H, B = 64, 256, 64
+    params = {"w1": (D, H), "b1": (H,), "w2": (H, D), "b2": (D,)}
+    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def loss_fn(p, x):
+        h = jax.nn.relu(x @ p["w1"] + p["b1"])
+        return jnp.mean((h @ p["w2"] + p["b2"] - x) ** 2)
+
+    def sgd_step(p, x):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x)
+        return jax.tree.map(lambda a, g: a - 0.1 * g, p, grads), loss
+
+    step = jax.jit(sgd_step, in_shardings=(rep, batch), out_shardings=(rep, rep))
+    abstract = {k: _sds(s, rep) for k, s in params.items()}
+    stats = inspect(step.lower(abstract, _sds((B, D), batch)).compile())
+
+    grad_bytes = sum(F32 * int(jnp.prod(jnp.array(s))) for s in params.values())
+    assert stats.bytes("all-reduce") == pytest.approx(grad_bytes, rel=0.01)  # + the loss scalar
+    assert stats.count("all-reduce") >= 1
+    assert stats.count("all-gather") == 0 and stats.count("reduce-scatter") == 0
+    assert stats.argument_bytes == grad_bytes + (B // 8) * D * F32  # replicated params + a shard
+    assert stats.peak_bytes and stats.peak_bytes > 0
+    text = str(stats)
+    assert text == stats.describe()
+    assert "all-reduce" in text and "KiB" in text and "peak" in text
+
+
+def test_peak_bytes_matches_memory_analysis(devices8):
+    mesh = _mesh((8,), ("d",))
+    s = NamedSharding(mesh, P("d"))
+    compiled = jax.jit(lambda a: jnp.tanh(a) * 2, in_shardings=s).lower(_sds((512, 128), s)).compile()
+    stats, ma = inspect(compiled), compiled.memory_analysis()
+    assert stats.temp_bytes == ma.temp_size_in_bytes
+    if getattr(ma, "peak_memory_in_bytes", 0):
+        assert (stats.peak_bytes, stats.peak_source) == (ma.peak_memory_in_bytes, "reported")
+    else:
+        assert stats.peak_source == "sum"
+    assert stats.allocated_bytes == (ma.argument_size_in_bytes + ma.output_size_in_bytes
+                                     - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
+
+
+def test_scan_body_is_costed_and_counted_once(devices8):
+    mesh = _mesh((8,), ("d",))
+    n, trips = 64, 10
+
+    def body(x):  # x: f32[n, n] per device
+        def step(c, _):
+            return jax.lax.psum(c @ x, "d"), None
+        return jax.lax.scan(step, jax.lax.psum(x, "d"), None, length=trips)[0]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P()))
+    stats = inspect(f.lower(_sds((8 * n, n), NamedSharding(mesh, P("d")))).compile())
+    one_matmul = 2 * n**3
+    # XLA's cost model visits the loop body once: about one matmul, not `trips` of them.
+    assert one_matmul <= stats.flops < 2 * one_matmul
+    # One psum before the loop, one inside its body: counted once each, not once per trip.
+    assert stats.count("all-reduce") == 2
+    assert stats.bytes("all-reduce") == 2 * n * n * F32
+
+
+def test_inspect_rejects_what_is_not_compiled(devices8):
+    jitted = jax.jit(lambda a: a + 1)
+    with pytest.raises(TitanaxError) as info:
+        inspect(jitted)
+    assert ".lower(" in info.value.suggestion and ".compile()" in info.value.suggestion
+    with pytest.raises(TitanaxError) as info:
+        inspect(jitted.trace(jnp.ones(3)))
+    assert ".lower().compile()" in info.value.suggestion
+    with pytest.raises(TitanaxError):
+        inspect("HloModule m")
+    with pytest.raises(TitanaxError):
+        inspect(None)

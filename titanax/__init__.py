@@ -1,0 +1,34 @@
+"""Titanax: train a single-device Flax model on many devices by describing the parallelism.
+
+Example:
+  >>> import titanax as tx
+  >>> mesh = tx.MeshSpec(axes=("data",)).build()                       # doctest: +SKIP
+  >>> sm = tx.shard(model, tx.Plan(data_parallel=tx.DP(axis="data")), mesh, example=x)
+  >>> print(sm.describe())
+"""
+
+from titanax import exceptions, profiling
+from titanax.exceptions import (
+    CollectiveError,
+    DistributedError,
+    MeshError,
+    PlanError,
+    ShardingError,
+    TitanaxError,
+    TitanaxWarning,
+)
+from titanax.parallel import presets as rules
+from titanax.parallel.context import constrain, sharding_context
+from titanax.parallel.plan import DP, FSDP, TP, Plan
+from titanax.parallel.rules import Rules
+from titanax.parallel.shard import ShardedModel, shard
+from titanax.runtime import MeshSpec, ProcessGroups, initialize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CollectiveError", "DistributedError", "MeshError", "PlanError", "ShardingError", "TitanaxError",
+    "TitanaxWarning", "exceptions", "profiling", "rules", "constrain", "sharding_context",
+    "DP", "FSDP", "TP", "Plan", "Rules", "ShardedModel", "shard", "MeshSpec", "ProcessGroups",
+    "initialize", "__version__",
+]

@@ -1,0 +1,121 @@
+"""The active sharding context: which rules and mesh `tx.constrain` resolves against.
+
+Scoped by context managers (``with rules:``, or the context Titanax enters while tracing a sharded
+forward or training step), never set globally, so a model runs unchanged on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from titanax.exceptions import ShardingError
+from titanax.parallel.rules import Rules
+
+__all__ = ["constrain", "current_rules", "current_mesh", "sharding_context"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+    rules: Rules
+    mesh: Mesh | None
+
+
+class _Stack(threading.local):
+    def __init__(self) -> None:
+        self.frames: list[_Frame] = []
+
+
+_STACK = _Stack()
+
+
+def push_rules(rules: Rules, mesh: Mesh | None = None) -> None:
+    _STACK.frames.append(_Frame(rules, mesh))
+
+
+def pop_rules(rules: Rules) -> None:
+    if not _STACK.frames or _STACK.frames[-1].rules is not rules:
+        raise RuntimeError("sharding contexts were exited out of order")
+    _STACK.frames.pop()
+
+
+@contextlib.contextmanager
+def sharding_context(rules: Rules, mesh: Mesh | None = None) -> Iterator[Rules]:
+    """Make ``rules`` (and optionally ``mesh``) the ones ``tx.constrain`` uses inside the block.
+
+    Args:
+      rules: the rules to resolve logical names with.
+      mesh: the mesh to constrain over; ``None`` uses the mesh set by ``jax.set_mesh``.
+
+    Example:
+      >>> with tx.sharding_context(plan.rules(), mesh):           # doctest: +SKIP
+      ...     y = jax.jit(model_fn)(x)                            # tx.constrain calls resolve here
+    """
+    push_rules(rules, mesh)
+    try:
+        yield rules
+    finally:
+        pop_rules(rules)
+
+
+def current_rules() -> Rules | None:
+    """The innermost active rules, or ``None`` outside every Titanax context."""
+    return _STACK.frames[-1].rules if _STACK.frames else None
+
+
+def current_mesh() -> Mesh | jax.sharding.AbstractMesh | None:
+    """The mesh of the innermost context, else the one set by ``jax.set_mesh``, else ``None``."""
+    for frame in reversed(_STACK.frames):
+        if frame.mesh is not None:
+            return frame.mesh
+    abstract = jax.sharding.get_abstract_mesh()
+    if not abstract.empty:
+        return abstract
+    return None
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's layout by logical names (``with_sharding_constraint``).
+
+    In model code, name the dimensions of an intermediate value; the active plan's rules decide
+    the mesh axes. Outside every Titanax context it returns ``x`` unchanged, so the model still
+    runs on one device.
+
+    Args:
+      x: the array to constrain (inside ``jax.jit`` or eagerly).
+      names: one logical name or ``None`` per leading dimension, e.g. ``("batch", "seq", "embed")``.
+
+    Returns:
+      ``x``, constrained to the layout the rules give ``names``.
+
+    Raises:
+      ShardingError: rules are active but no mesh is (neither a Titanax context nor
+        ``jax.set_mesh`` gave one), or ``names`` has more entries than ``x`` has dimensions.
+
+    Example:
+      >>> h_BTF = tx.constrain(h_BTF, ("batch", "seq", "mlp"))  # doctest: +SKIP
+    """
+    rules = current_rules()
+    if rules is None:
+        return x
+    mesh = current_mesh()
+    if mesh is None:
+        raise ShardingError(
+            f"tx.constrain(..., {tuple(names)}) ran with rules active but no mesh",
+            suggestion="enter `with jax.set_mesh(mesh):` or use tx.sharding_context(rules, mesh)",
+        )
+    spec = rules.spec(names, x.shape, dict(mesh.shape), what=f"activation {tuple(names)}")
+    return jax.lax.with_sharding_constraint(x, _sharding(mesh, spec))
+
+
+def _sharding(mesh: Any, spec: PartitionSpec) -> NamedSharding | PartitionSpec:
+    # Under jax.set_mesh the abstract mesh suffices: a bare PartitionSpec resolves against it.
+    if isinstance(mesh, Mesh):
+        return NamedSharding(mesh, spec)
+    return spec

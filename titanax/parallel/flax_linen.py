@@ -1,0 +1,165 @@
+"""Linen adapter for ``tx.shard``: annotations from ``nn.LogicallyPartitioned`` / ``nn.Partitioned``
+boxes, sharded ``init``, and ``apply`` over the unboxed variables."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from titanax.exceptions import ShardingError
+from titanax.parallel.plan import Plan
+from titanax.parallel.rules import Rules
+from titanax.parallel.shard import ShardedModel, tracing_context
+from titanax.parallel.sharding import Leaf, layout_tree, path_string
+
+__all__ = ["LinenShardedModel", "shard_linen"]
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _leaf_path(path: tuple) -> tuple[str, str]:
+    """``(collection, path)``; the ``params`` collection is left out of the path, others kept."""
+    collection = str(path[0].key) if path and isinstance(path[0], jax.tree_util.DictKey) else "params"
+    rest = path_string(path[1:])
+    return collection, rest if collection == "params" else f"{collection}/{rest}"
+
+
+def _leaves(boxed: Any) -> tuple[list[Leaf], Any]:
+    """Leaves (with their annotations) of a possibly boxed variables tree, and the unboxed treedef."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=_is_box)
+    leaves = []
+    for path, value in flat:
+        collection, name = _leaf_path(path)
+        names, mesh_axes = None, False
+        if isinstance(value, nn.LogicallyPartitioned):
+            names = tuple(value.names)
+        elif isinstance(value, nn.Partitioned):
+            names, mesh_axes = tuple(value.names), True
+        array = value.value if _is_box(value) else value
+        leaves.append(Leaf(name, collection, tuple(array.shape), array.dtype, names, mesh_axes,
+                           is_param=collection == "params"))
+    return leaves, jax.tree.structure(nn.unbox(boxed))
+
+
+def _as_variables(params: Any) -> dict[str, Any]:
+    """Accept the ``params`` collection alone or the full variables dict."""
+    if isinstance(params, Mapping) and "params" in params and all(
+        isinstance(v, Mapping) for v in params.values()
+    ):
+        return dict(params)
+    return {"params": params}
+
+
+def _key(rng: Any) -> Any:
+    if isinstance(rng, int):
+        return jax.random.key(rng)
+    return rng
+
+
+class LinenShardedModel(ShardedModel):
+    """A Linen module with its variables laid out on a mesh (see :class:`ShardedModel`)."""
+
+    def __init__(self, *, variables: dict[str, Any], shardings: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.variables = variables
+        """All collections (``params``, ``batch_stats``, ...), unboxed and sharded."""
+        self._shardings = shardings
+
+    @property
+    def params(self) -> Any:
+        return self.variables["params"]
+
+    @params.setter
+    def params(self, value: Any) -> None:
+        self.variables = {**self.variables, "params": value}
+
+    @property
+    def param_shardings(self) -> Any:
+        return self._shardings["params"]
+
+    @property
+    def variable_shardings(self) -> dict[str, Any]:
+        """Shardings of every collection, shaped like :attr:`variables`."""
+        return self._shardings
+
+    def apply(self, params: Any, *args: Any, **kwargs: Any) -> Any:
+        """``module.apply`` with ``params`` and this model's other collections.
+
+        Example:
+          >>> loss = lambda p, x: jnp.mean(sm.apply(p, x) ** 2)               # doctest: +SKIP
+          >>> grads = jax.jit(jax.grad(loss))(sm.params, sm.shard_batch(x))
+        """
+        with self.tracing():
+            return self._module.apply({**self.variables, "params": params}, *args, **kwargs)
+
+    def _state(self) -> Any:
+        return self.variables
+
+    def _run(self, state: Any, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        return self._module.apply(state, *args, **kwargs), None
+
+
+def shard_linen(
+    module: nn.Module,
+    plan: Plan | None,
+    rules: Rules,
+    mesh: Mesh,
+    *,
+    example: Any,
+    rng: Any,
+    params: Any,
+    example_kwargs: dict[str, Any],
+) -> LinenShardedModel:
+    if example is None and params is None:
+        raise ShardingError(
+            f"cannot lay out {type(module).__name__}: a Linen module has no parameters until it "
+            "sees an input",
+            suggestion="pass example=<one input batch> (or a tuple of inputs), or params=<existing params>",
+        )
+    example_args = example if isinstance(example, tuple) else (example,)
+    init = functools.partial(module.init, **example_kwargs)
+    with tracing_context(rules, mesh):
+        abstract = jax.eval_shape(init, _key(rng), *example_args) if example is not None else None
+    given = _as_variables(params) if params is not None else None
+    if given is not None:
+        leaves, treedef = _leaves(given)
+        if abstract is not None:
+            leaves = _annotate_from(leaves, treedef, abstract)
+    else:
+        leaves, treedef = _leaves(abstract)
+    layout = layout_tree(leaves, rules, mesh)
+    shardings = jax.tree.unflatten(treedef, layout.shardings)
+    if given is not None:
+        variables = jax.device_put(nn.unbox(given), shardings)
+    else:
+        with tracing_context(rules, mesh):
+            variables = jax.jit(lambda key, *a: nn.unbox(init(key, *a)), out_shardings=shardings)(
+                _key(rng), *example_args)
+    return LinenShardedModel(variables=variables, shardings=shardings, module=module, mesh=mesh,
+                             plan=plan, rules=rules, layout=layout)
+
+
+def _annotate_from(leaves: list[Leaf], treedef: Any, abstract: Any) -> list[Leaf]:
+    """Give unboxed user parameters the annotations the module declares for them."""
+    declared, declared_def = _leaves(abstract)
+    by_path = {(leaf.collection, leaf.path): leaf for leaf in declared}
+    result = []
+    for leaf in leaves:
+        match = by_path.get((leaf.collection, leaf.path))
+        if match is None or match.shape != leaf.shape:
+            expected = "missing" if match is None else f"shape {match.shape}"
+            raise ShardingError(
+                f"params= does not fit the module: {leaf.collection} {leaf.path!r} has shape "
+                f"{leaf.shape}, the module's init gives {expected}",
+                suggestion="pass the parameters this module (with this example input) creates, "
+                "e.g. module.init(key, example)['params']",
+            )
+        result.append(leaf if leaf.names is not None else match)
+    return result

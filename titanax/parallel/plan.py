@@ -1,0 +1,212 @@
+"""Plan: which kinds of parallelism run over which mesh axes.
+
+A :class:`Plan` is the single source of truth for layout: together with a mesh it determines the
+sharding of every parameter, optimizer slot, batch and activation, through the :class:`Rules` it
+composes (:meth:`Plan.resolved_rules`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from jax.sharding import Mesh
+
+from titanax.exceptions import PlanError
+from titanax.parallel import presets
+from titanax.parallel.rules import Rules
+
+__all__ = ["DP", "FSDP", "TP", "Plan"]
+
+
+def _check_axis(part: str, axis: object) -> None:
+    if not isinstance(axis, str) or not axis:
+        raise PlanError(
+            f"{part}(axis={axis!r}): the axis must be a mesh axis name",
+            suggestion=f"write {part}(axis='data') with a name from your MeshSpec axes",
+        )
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class DP:
+    """Data parallelism: replicas of the model, each on a slice of the batch."""
+
+    axis: str = "data"
+    """Mesh axis the batch is split over."""
+
+    accumulate_steps: int = 1
+    """Microbatches whose gradients are summed before one optimizer update (used by the engine)."""
+
+    def __post_init__(self) -> None:
+        _check_axis("DP", self.axis)
+        if not isinstance(self.accumulate_steps, int) or self.accumulate_steps < 1:
+            raise PlanError(
+                f"DP(accumulate_steps={self.accumulate_steps!r}) must be a positive integer",
+                suggestion="use accumulate_steps=1 for no accumulation",
+            )
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class FSDP:
+    """Fully sharded data parallelism (ZeRO-3): batch, parameters and optimizer state split."""
+
+    axis: str = "fsdp"
+    """Mesh axis the batch and each parameter are split over."""
+
+    shard_unnamed: bool = True
+    """Shard parameters that carry no logical names on their largest dimension the axis divides."""
+
+    def __post_init__(self) -> None:
+        _check_axis("FSDP", self.axis)
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class TP:
+    """Tensor parallelism: single matmuls split across devices (Megatron-style by default)."""
+
+    axis: str = "tensor"
+    """Mesh axis the tensor-parallel dimensions are split over."""
+
+    rules: Rules | None = None
+    """Rules mapping logical names to ``axis``; ``None`` uses :func:`titanax.rules.tensor_parallel`."""
+
+    def __post_init__(self) -> None:
+        _check_axis("TP", self.axis)
+        if self.rules is not None and not isinstance(self.rules, Rules):
+            raise PlanError(
+                f"TP(rules=...) got {type(self.rules).__name__}, not tx.Rules",
+                suggestion="wrap the pairs: TP(axis='tensor', rules=tx.Rules([('mlp', 'tensor')]))",
+            )
+
+    def resolved_rules(self) -> Rules:
+        """The rules this part contributes to the plan."""
+        return self.rules if self.rules is not None else presets.tensor_parallel(self.axis)
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class Plan:
+    """A combination of parallelism strategies, each over its own mesh axis.
+
+    Example:
+      >>> plan = Plan(data_parallel=DP(axis="data"), tensor_parallel=TP(axis="tensor"))
+      >>> plan.axes
+      ('data', 'tensor')
+    """
+
+    data_parallel: DP | None = None
+    """Replicated parameters, batch split over ``DP.axis``."""
+
+    fsdp: FSDP | None = None
+    """Parameters, optimizer state and batch split over ``FSDP.axis``."""
+
+    tensor_parallel: TP | None = None
+    """Matmuls split over ``TP.axis``."""
+
+    rules: Rules | None = None
+    """Extra rules that take precedence over the parts' own: path rules for an unannotated model,
+    or overrides (``tx.Rules([("vocab", None)])`` keeps the vocabulary replicated)."""
+
+    strict: bool = False
+    """Raise instead of warning on unmapped names, indivisible dimensions and unused path rules."""
+
+    def __post_init__(self) -> None:
+        if self.rules is not None and not isinstance(self.rules, Rules):
+            raise PlanError(
+                f"Plan(rules=...) got {type(self.rules).__name__}, not tx.Rules",
+                suggestion="write Plan(..., rules=tx.Rules(params=[(r'Dense_0/kernel$', ('embed', 'mlp'))]))",
+            )
+        parts = self._parts()
+        if not parts:
+            raise PlanError(
+                "the plan has no parallelism",
+                suggestion="give at least one of data_parallel=tx.DP(), fsdp=tx.FSDP(), "
+                "tensor_parallel=tx.TP()",
+            )
+        for field, kind in (("data_parallel", DP), ("fsdp", FSDP), ("tensor_parallel", TP)):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, kind):
+                raise PlanError(
+                    f"Plan({field}=...) got {type(value).__name__}, expected tx.{kind.__name__}",
+                    suggestion=f"write Plan({field}=tx.{kind.__name__}(axis=...))",
+                )
+        seen: dict[str, str] = {}
+        for name, part in parts.items():
+            if part.axis in seen:
+                raise PlanError(
+                    f"{seen[part.axis]} and {name} both use mesh axis {part.axis!r}",
+                    suggestion="give each kind of parallelism its own mesh axis, e.g. "
+                    "MeshSpec(axes=('data', 'tensor'))",
+                )
+            seen[part.axis] = name
+
+    def _parts(self) -> dict[str, DP | FSDP | TP]:
+        named = {"DP": self.data_parallel, "FSDP": self.fsdp, "TP": self.tensor_parallel}
+        return {name: part for name, part in named.items() if part is not None}
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The mesh axes the plan uses, in the order DP, FSDP, TP."""
+        return tuple(part.axis for part in self._parts().values())
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """Mesh axes the batch is split over (data-parallel and FSDP axes)."""
+        return tuple(p.axis for p in (self.data_parallel, self.fsdp) if p is not None)
+
+    def resolved_rules(self) -> Rules:
+        """The composed rules: batch over the data axes, the plan's own ``rules``, then TP, FSDP."""
+        composed = Rules([("batch", self.batch_axes)]) if self.batch_axes else Rules()
+        if self.rules is not None:
+            composed = composed + self.rules
+        if self.tensor_parallel is not None:
+            composed = composed + self.tensor_parallel.resolved_rules()
+        if self.fsdp is not None:
+            composed = composed + presets.fsdp(self.fsdp.axis, shard_unnamed=self.fsdp.shard_unnamed)
+        if self.data_parallel is not None:
+            composed = composed + presets.data_parallel(self.data_parallel.axis)
+        return composed.replace(strict=self.strict) if self.strict else composed
+
+    def validate(self, mesh: Mesh | Mapping[str, int]) -> None:
+        """Check the plan against a mesh before anything is compiled.
+
+        Args:
+          mesh: a ``jax.sharding.Mesh`` (or a mapping of axis name to size).
+
+        Raises:
+          PlanError: a part names an axis the mesh lacks, or a mesh axis with more than one device
+            is used by no part (those devices would all compute the same thing).
+        """
+        shape = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
+        for name, part in self._parts().items():
+            if part.axis not in shape:
+                raise PlanError(
+                    f"{name}(axis={part.axis!r}) names an axis the mesh {shape} does not have",
+                    suggestion=f"use one of {list(shape)} or build the mesh with an axis "
+                    f"{part.axis!r}",
+                )
+        for axis, size in shape.items():
+            if size > 1 and axis not in self.axes:
+                raise PlanError(
+                    f"mesh axis {axis!r} has {size} devices but no part of the plan uses it: "
+                    "they would all compute the same thing",
+                    suggestion=f"add e.g. data_parallel=tx.DP(axis={axis!r}) to the plan, or give "
+                    f"{axis!r} size 1 in the MeshSpec",
+                )
+        self.resolved_rules().validate(shape)
+
+    def describe(self, mesh: Mesh | Mapping[str, int] | None = None) -> str:
+        """A readable summary of the plan (with axis sizes when ``mesh`` is given)."""
+        shape = {} if mesh is None else (dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh))
+        lines = ["Plan"]
+        for name, part in self._parts().items():
+            size = f" ({shape[part.axis]} devices)" if part.axis in shape else ""
+            extra = ""
+            if isinstance(part, DP) and part.accumulate_steps > 1:
+                extra = f", accumulate_steps={part.accumulate_steps}"
+            lines.append(f"  {name:<5} over {part.axis!r}{size}{extra}")
+        lines.append(f"  batch split over {self.batch_axes or 'nothing (replicated)'}")
+        rules = self.resolved_rules()
+        lines.append("  rules: " + ", ".join(f"{n}->{t}" for n, t in rules.rules))
+        if rules.unnamed is not None:
+            lines.append(f"  unnamed parameters: largest divisible dimension over {rules.unnamed!r}")
+        return "\n".join(lines)
