@@ -22,7 +22,8 @@ from titanax.parallel.context import constrain, sharding_context
 from titanax.parallel.plan import DP, FSDP, TP, Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel, shard
-from titanax.runtime import MeshSpec, ProcessGroups, initialize
+from titanax import runtime
+from titanax.runtime import MeshSpec, ProcessGroups, initialize, simulate_cpu_devices
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,5 @@ __all__ = [
     "CollectiveError", "DistributedError", "MeshError", "PlanError", "ShardingError", "TitanaxError",
     "TitanaxWarning", "exceptions", "profiling", "rules", "constrain", "sharding_context",
     "DP", "FSDP", "TP", "Plan", "Rules", "ShardedModel", "shard", "MeshSpec", "ProcessGroups",
-    "initialize", "__version__",
+    "initialize", "simulate_cpu_devices", "runtime", "__version__",
 ]

@@ -364,7 +364,7 @@ def _check_logical_rules(rules: Iterable[tuple[str, MeshAxes]]) -> tuple[tuple[s
                 suggestion="write rules as [('batch', 'data'), ('mlp', 'tensor'), ('embed', None)]",
             )
         name, target = rule
-        axes = _as_axes(target)
+        axes = _as_axes(target) if target is None or isinstance(target, (str, tuple, list)) else (target,)
         if not all(isinstance(a, str) for a in axes):
             raise PlanError(
                 f"rule ({name!r}, {target!r}): mesh axes must be strings",

@@ -160,6 +160,23 @@ class ShardedModel(abc.ABC):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Jitted forward. Positional arrays are split on ``batch`` along their first dimension;
         keyword arrays (masks, PRNG keys) are passed as they are; other values are static."""
+        forward, call_args = self._prepare(args, kwargs)
+        with self.tracing():
+            out, new_state = forward(*call_args)
+        self._store(new_state)
+        return out
+
+    def lower(self, *args: Any, **kwargs: Any) -> jax.stages.Lowered:
+        """The forward :meth:`__call__` would run, lowered for these inputs (not run).
+
+        Example:
+          >>> stats = tx.profiling.inspect(sm.lower(x))   # per-device bytes, FLOPs, collectives
+        """
+        forward, call_args = self._prepare(args, kwargs)
+        with self.tracing():
+            return forward.lower(*call_args)
+
+    def _prepare(self, args: tuple, kwargs: dict) -> tuple[Any, tuple]:
         dynamic_pos = tuple(i for i, a in enumerate(args) if _all_arrays(a))
         static_pos = tuple((i, a) for i, a in enumerate(args) if i not in dynamic_pos)
         dynamic_kw = tuple(sorted(k for k, v in kwargs.items() if _all_arrays(v)))
@@ -175,10 +192,7 @@ class ShardedModel(abc.ABC):
         if forward is None:
             forward = self._forwards[key] = self._build_forward(key)
         placed = tuple(self.shard_batch(args[i]) for i in dynamic_pos)
-        with self.tracing():
-            out, new_state = forward(self._state(), placed, {k: kwargs[k] for k in dynamic_kw})
-        self._store(new_state)
-        return out
+        return forward, (self._state(), placed, {k: kwargs[k] for k in dynamic_kw})
 
     def _build_forward(self, key: tuple) -> Callable[..., Any]:
         n_args, dynamic_pos, static_pos, _, static_kw = key

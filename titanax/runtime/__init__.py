@@ -22,6 +22,7 @@ from titanax.runtime.distributed import (
 )
 from titanax.runtime.mesh import MeshSpec, describe_mesh
 from titanax.runtime.process_groups import AxisNames, ProcessGroups
+from titanax.runtime.simulate import simulate_cpu_devices
 
 __all__ = [
     "DEFAULT_COORDINATOR_PORT",
@@ -38,4 +39,5 @@ __all__ = [
     "process_count",
     "process_index",
     "resolve_cluster",
+    "simulate_cpu_devices",
 ]

@@ -1,0 +1,126 @@
+"""Every misconfiguration Titanax can see raises a TitanaxError subclass before XLA runs: the
+message names the culprit and ``.suggestion`` says what to change."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import models as m
+import titanax as tx
+
+
+def mesh_8(*axes_shape):
+    axes = tuple(a for a, _ in axes_shape)
+    return tx.MeshSpec(axes=axes, shape=tuple(s for _, s in axes_shape)).build()
+
+
+class AnnotatedDense(nn.Module):
+    """One Dense layer whose kernel carries whatever annotation a case gives it."""
+
+    features: int = 8
+    names: tuple = ("embed", "mlp")
+    mesh_axes: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        wrap = nn.with_partitioning if self.mesh_axes else nn.with_logical_partitioning
+        return nn.Dense(self.features, kernel_init=wrap(nn.initializers.lecun_normal(), self.names))(x)
+
+
+X = jnp.ones((8, 16))
+DP8 = tx.Plan(data_parallel=tx.DP(axis="data"), strict=True)
+TP_RULES = tx.Rules([("batch", "data"), ("mlp", "tensor")], replicated=["embed"], strict=True)
+
+
+def shard_dense(rules=TP_RULES, mesh=None, **module_kwargs):
+    mesh = mesh or mesh_8(("data", 4), ("tensor", 2))
+    return tx.shard(AnnotatedDense(**module_kwargs), rules, mesh, example=X)
+
+
+CASES = {
+    "mesh needs more devices than exist": (
+        lambda: tx.MeshSpec(axes=("data", "tensor"), shape=(4, 4)).build(), tx.MeshError, "16"),
+    "two inferred mesh axes": (
+        lambda: tx.MeshSpec(axes=("data", "tensor"), shape=(-1, -1)), tx.MeshError, "-1"),
+    "mesh axes and shape of different lengths": (
+        lambda: tx.MeshSpec(axes=("data", "tensor"), shape=(8,)), tx.MeshError, "axes"),
+    "duplicate mesh axis name": (
+        lambda: tx.MeshSpec(axes=("data", "data")), tx.MeshError, "data"),
+    "inferred axis does not divide the devices": (
+        lambda: tx.MeshSpec(axes=("data", "tensor"), shape=(3, -1)).build(), tx.MeshError, "3"),
+    "plan axis the mesh lacks": (
+        lambda: tx.Plan(data_parallel=tx.DP(axis="batch")).validate(mesh_8(("data", 8))),
+        tx.PlanError, "'batch'"),
+    "two plan parts on one axis": (
+        lambda: tx.Plan(data_parallel=tx.DP(axis="x"), tensor_parallel=tx.TP(axis="x")),
+        tx.PlanError, "'x'"),
+    "mesh axis no plan part uses": (
+        lambda: tx.Plan(data_parallel=tx.DP(axis="data")).validate(mesh_8(("data", 4), ("tensor", 2))),
+        tx.PlanError, "'tensor'"),
+    "empty plan": (lambda: tx.Plan(), tx.PlanError, "no parallelism"),
+    "non-positive accumulation": (
+        lambda: tx.DP(axis="data", accumulate_steps=0), tx.PlanError, "accumulate_steps"),
+    "rule names an unknown mesh axis": (
+        lambda: shard_dense(tx.Rules([("batch", "dta")])), tx.PlanError, "'dta'"),
+    "same mesh axis twice in one annotation": (
+        lambda: shard_dense(names=("data", "data"), mesh_axes=True), tx.ShardingError, "Dense_0/kernel"),
+    "annotation names a mesh axis the mesh lacks": (
+        lambda: shard_dense(names=("model", None), mesh_axes=True), tx.ShardingError, "'model'"),
+    "indivisible dimension (strict)": (
+        lambda: shard_dense(features=5), tx.ShardingError, "Dense_0/kernel"),
+    "path rule that matches nothing (strict)": (
+        lambda: shard_dense(TP_RULES + tx.Rules(params=[(r"Dense_9/kernel$", ("embed", "mlp"))])),
+        tx.ShardingError, "Dense_9"),
+    "logical name no rule maps (strict)": (
+        lambda: shard_dense(names=("embed", "mpl")), tx.ShardingError, "'mpl'"),
+    "annotation with more names than dimensions": (
+        lambda: shard_dense(names=("embed", "mlp", "kv")), tx.ShardingError, "Dense_0/kernel"),
+    "Linen module with neither example nor params": (
+        lambda: tx.shard(m.LinenMLP(), DP8, mesh_8(("data", 8))), tx.ShardingError, "LinenMLP"),
+    "params that do not fit the module": (
+        lambda: tx.shard(m.LinenMLP(), DP8, mesh_8(("data", 8)), example=m.float_batch(),
+                         params={"Dense_0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}),
+        tx.ShardingError, "Dense_0"),
+    "batch that does not divide over the data axis (strict)": (
+        lambda: tx.shard(m.LinenMLP(), DP8, mesh_8(("data", 8)), example=m.float_batch())(
+            m.float_batch(batch=12)),
+        tx.ShardingError, "12"),
+    "not a Flax model": (lambda: tx.shard(42, DP8, mesh_8(("data", 8))), tx.ShardingError, "int"),
+    "abstract NNX module": (
+        lambda: tx.shard(nnx.eval_shape(lambda: m.NNXMLP(nnx.Rngs(0), annotate=False)), DP8,
+                         mesh_8(("data", 8))),
+        tx.ShardingError, "abstract"),
+    "unknown axis in ProcessGroups": (
+        lambda: tx.ProcessGroups(mesh_8(("data", 8))).size("tensor"), tx.MeshError, "'tensor'"),
+    "multi-process settings without a coordinator": (
+        lambda: tx.runtime.resolve_cluster({}, num_processes=2, process_id=0), tx.DistributedError,
+        "coordinator"),
+    "plan given bare tuples instead of tx.Rules": (
+        lambda: tx.Plan(data_parallel=tx.DP(), rules=[("batch", "data")]), tx.PlanError, "list"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_misconfiguration_raises_a_titanax_error_with_a_suggestion(case):
+    call, error, culprit = CASES[case]
+    with pytest.raises(error) as err:
+        call()
+    assert isinstance(err.value, tx.TitanaxError)
+    assert culprit in err.value.message, err.value.message
+    assert err.value.suggestion and len(err.value.suggestion) > 10
+    assert "Suggestion:" in str(err.value)
+
+
+def test_at_least_twelve_distinct_misconfigurations_are_covered():
+    assert len(CASES) >= 12
+
+
+def test_non_strict_mode_warns_and_still_shards():
+    rules = tx.Rules([("batch", "data"), ("mlp", "tensor")])  # "embed" is unmapped
+    with pytest.warns(tx.TitanaxWarning, match="'embed'"):
+        sm = shard_dense(rules)
+    assert sm.layout["Dense_0/kernel"].spec == jax.sharding.PartitionSpec(None, "tensor")
