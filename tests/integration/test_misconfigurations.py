@@ -79,6 +79,11 @@ CASES = {
         lambda: shard_dense(names=("embed", "mpl")), tx.ShardingError, "'mpl'"),
     "annotation with more names than dimensions": (
         lambda: shard_dense(names=("embed", "mlp", "kv")), tx.ShardingError, "Dense_0/kernel"),
+    "large parameter left replicated by a missing rule (strict)": (
+        lambda: tx.shard(nn.Dense(64), tx.Plan(tensor_parallel=tx.TP(axis="tensor"), strict=True,
+                                               max_replicated_bytes=1024),
+                         mesh_8(("tensor", 8)), example=X),
+        tx.ShardingError, "'kernel'"),
     "Linen module with neither example nor params": (
         lambda: tx.shard(m.LinenMLP(), DP8, mesh_8(("data", 8))), tx.ShardingError, "LinenMLP"),
     "params that do not fit the module": (
@@ -89,6 +94,8 @@ CASES = {
         lambda: tx.shard(m.LinenMLP(), DP8, mesh_8(("data", 8)), example=m.float_batch())(
             m.float_batch(batch=12)),
         tx.ShardingError, "12"),
+    "no mesh given and none set": (
+        lambda: tx.shard(m.LinenMLP(), DP8, example=m.float_batch()), tx.ShardingError, "no mesh"),
     "not a Flax model": (lambda: tx.shard(42, DP8, mesh_8(("data", 8))), tx.ShardingError, "int"),
     "abstract NNX module": (
         lambda: tx.shard(nnx.eval_shape(lambda: m.NNXMLP(nnx.Rngs(0), annotate=False)), DP8,
@@ -119,8 +126,23 @@ def test_at_least_twelve_distinct_misconfigurations_are_covered():
     assert len(CASES) >= 12
 
 
+def test_replicated_on_purpose_is_not_flagged():
+    """Names that every rule replicates (here: embed under TP) are a choice, not an accident."""
+    plan = tx.Plan(tensor_parallel=tx.TP(axis="tensor"), strict=True, max_replicated_bytes=64)
+    sm = shard_dense(tx.Rules([("batch", None)]) + plan.resolved_rules(),
+                     mesh=mesh_8(("tensor", 8)), names=("embed", None))
+    assert sm.layout["Dense_0/kernel"].replicated
+
+
 def test_non_strict_mode_warns_and_still_shards():
     rules = tx.Rules([("batch", "data"), ("mlp", "tensor")])  # "embed" is unmapped
     with pytest.warns(tx.TitanaxWarning, match="'embed'"):
         sm = shard_dense(rules)
     assert sm.layout["Dense_0/kernel"].spec == jax.sharding.PartitionSpec(None, "tensor")
+
+
+def test_mesh_set_by_jax_set_mesh_is_used():
+    mesh = mesh_8(("data", 8))
+    with jax.set_mesh(mesh):
+        sm = tx.shard(m.LinenMLP(), DP8, example=m.float_batch())
+    assert sm.mesh is mesh

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import os
 
-# tests/conftest.py sets these before JAX is imported; the guard keeps this module runnable alone.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import dataclasses  # noqa: E402
+import dataclasses
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax.sharding import AxisType, Mesh  # noqa: E402
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh
 
-from titanax.exceptions import DistributedError, MeshError, TitanaxError  # noqa: E402
-from titanax.runtime import (  # noqa: E402
+from titanax.exceptions import DistributedError, MeshError, TitanaxError
+from titanax.runtime import (
     DEFAULT_COORDINATOR_PORT,
     ClusterSpec,
     DistributedInfo,
@@ -27,10 +24,9 @@ from titanax.runtime import (  # noqa: E402
     parse_slurm_nodelist,
     resolve_cluster,
 )
-from titanax.runtime import distributed as dist  # noqa: E402
-from titanax.runtime import mesh as mesh_mod  # noqa: E402
+from titanax.runtime import distributed as dist
+from titanax.runtime import mesh as mesh_mod
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
 
 
 def _raises(exc: type[TitanaxError], *culprits: str, fn, **kwargs) -> TitanaxError:

@@ -106,14 +106,25 @@ class Plan:
     """Extra rules that take precedence over the parts' own: path rules for an unannotated model,
     or overrides (``tx.Rules([("vocab", None)])`` keeps the vocabulary replicated)."""
 
+    max_replicated_bytes: int | None = 4 << 20
+    """Under FSDP or TP, a parameter larger than this left fully replicated by accident (no names,
+    or names no free mesh axis took) is flagged; ``None`` disables the check."""
+
     strict: bool = False
-    """Raise instead of warning on unmapped names, indivisible dimensions and unused path rules."""
+    """Raise instead of warning on unmapped names, indivisible dimensions, unused path rules and
+    accidentally replicated large parameters."""
 
     def __post_init__(self) -> None:
         if self.rules is not None and not isinstance(self.rules, Rules):
             raise PlanError(
                 f"Plan(rules=...) got {type(self.rules).__name__}, not tx.Rules",
                 suggestion="write Plan(..., rules=tx.Rules(params=[(r'Dense_0/kernel$', ('embed', 'mlp'))]))",
+            )
+        limit = self.max_replicated_bytes
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise PlanError(
+                f"Plan(max_replicated_bytes={limit!r}) must be a byte count >= 0 or None",
+                suggestion="e.g. max_replicated_bytes=4 << 20 (4 MiB), or None to disable the check",
             )
         parts = self._parts()
         if not parts:
@@ -164,6 +175,8 @@ class Plan:
             composed = composed + presets.fsdp(self.fsdp.axis, shard_unnamed=self.fsdp.shard_unnamed)
         if self.data_parallel is not None:
             composed = composed + presets.data_parallel(self.data_parallel.axis)
+        if self.fsdp is not None or self.tensor_parallel is not None:
+            composed = composed.replace(max_replicated_bytes=self.max_replicated_bytes)
         return composed.replace(strict=self.strict) if self.strict else composed
 
     def validate(self, mesh: Mesh | Mapping[str, int]) -> None:

@@ -70,8 +70,11 @@ class Rules:
       unnamed: a mesh axis over which parameters that carry no logical names at all are sharded,
         on their largest dimension it divides (FSDP for unannotated models); ``None`` leaves them
         replicated.
+      max_replicated_bytes: a parameter larger than this that ends up fully replicated although
+        it is not replicated on purpose (no names, or names some rule would shard) is flagged: the
+        silent cost of a missing rule. ``None`` checks nothing.
       strict: raise :class:`ShardingError` instead of warning on an unmapped name, an indivisible
-        dimension, or a path rule that matched no parameter.
+        dimension, a path rule that matched no parameter, or a large parameter left replicated.
 
     Example:
       >>> rules = Rules([("batch", "data"), ("mlp", "tensor")],
@@ -84,6 +87,7 @@ class Rules:
     params: tuple[tuple[str, LogicalNames], ...]
     replicated: frozenset[str]
     unnamed: MeshAxes
+    max_replicated_bytes: int | None
     strict: bool
 
     def __init__(
@@ -93,6 +97,7 @@ class Rules:
         params: Iterable[tuple[str, Sequence[str | None]]] = (),
         replicated: Iterable[str] = (),
         unnamed: MeshAxes = None,
+        max_replicated_bytes: int | None = None,
         strict: bool = False,
     ) -> None:
         object.__setattr__(self, "rules", _check_logical_rules(rules))
@@ -101,6 +106,7 @@ class Rules:
             replicated = (replicated,)
         object.__setattr__(self, "replicated", frozenset(replicated))
         object.__setattr__(self, "unnamed", unnamed if unnamed is None else _spec_entry(_as_axes(unnamed)))
+        object.__setattr__(self, "max_replicated_bytes", max_replicated_bytes)
         object.__setattr__(self, "strict", bool(strict))
 
     # ----------------------------------------------------------------------------------- values
@@ -113,6 +119,7 @@ class Rules:
             params=self.params + other.params,
             replicated=self.replicated | other.replicated,
             unnamed=self.unnamed if self.unnamed is not None else other.unnamed,
+            max_replicated_bytes=_min_or_none(self.max_replicated_bytes, other.max_replicated_bytes),
             strict=self.strict or other.strict,
         )
 
@@ -123,6 +130,7 @@ class Rules:
             "params": self.params,
             "replicated": self.replicated,
             "unnamed": self.unnamed,
+            "max_replicated_bytes": self.max_replicated_bytes,
             "strict": self.strict,
         }
         fields.update(changes)
@@ -136,6 +144,8 @@ class Rules:
             parts.append(f"replicated={sorted(self.replicated)!r}")
         if self.unnamed is not None:
             parts.append(f"unnamed={self.unnamed!r}")
+        if self.max_replicated_bytes is not None:
+            parts.append(f"max_replicated_bytes={self.max_replicated_bytes}")
         if self.strict:
             parts.append("strict=True")
         return f"Rules({', '.join(parts)})"
@@ -174,6 +184,11 @@ class Rules:
             if re.search(pattern, path):
                 return i
         return None
+
+    def shards_name(self, name: str, mesh_shape: Mapping[str, int]) -> bool:
+        """Whether some rule would split ``name`` over a mesh axis with more than one device."""
+        return any(mesh_shape.get(a, 1) > 1 for rule_name, target in self.rules if rule_name == name
+                   for a in _as_axes(target))
 
     def to_flax(self) -> tuple[tuple[str, MeshAxes], ...]:
         """The logical rules in Flax's ``logical_axis_rules`` format (for ``nn.with_logical_constraint``)."""
@@ -289,6 +304,10 @@ class Rules:
                 continue
             return divisible_axes(axes, dim, shape, mesh_shape, what, name, self.strict)
         return ()
+
+
+def _min_or_none(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def pad_names(names: Sequence[str | None], shape: Sequence[int], what: str) -> LogicalNames:

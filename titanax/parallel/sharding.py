@@ -214,6 +214,7 @@ def layout_tree(leaves: Sequence[Leaf], rules: Rules, mesh: Mesh) -> Layout:
             names, source, entry = None, "none", (None,) * len(leaf.shape)
         entries.append(ParamLayout(leaf.path, leaf.collection, tuple(leaf.shape), leaf.dtype, names,
                                    source, NamedSharding(mesh, PartitionSpec(*entry))))
+    _check_replicated(entries, rules, mesh_shape)
     for i, (pattern, names) in enumerate(rules.params):
         if i not in used_path_rules:
             message = f"path rule ({pattern!r}, {names}) matched no array of the model"
@@ -223,6 +224,29 @@ def layout_tree(leaves: Sequence[Leaf], rules: Rules, mesh: Mesh) -> Layout:
                 raise ShardingError(message, suggestion=suggestion)
             warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=3)
     return Layout(mesh, tuple(entries))
+
+
+def _check_replicated(entries: list[ParamLayout], rules: Rules, mesh_shape: dict[str, int]) -> None:
+    """Flag large parameters replicated by accident: no names, or names some rule would shard
+    (so competition for a mesh axis or divisibility left them whole)."""
+    limit = rules.max_replicated_bytes
+    if limit is None:
+        return
+    for e in entries:
+        if e.collection not in ("params", "Param") or not e.replicated or e.nbytes <= limit:
+            continue
+        if e.names is not None and not any(n is not None and rules.shards_name(n, mesh_shape)
+                                           for n in e.names):
+            continue  # every name is replicated on purpose
+        why = ("it has no logical names (no annotation, no path rule)" if e.names is None else
+               f"its names {e.names} found no free mesh axis")
+        message = (f"parameter {e.path!r} ({human_bytes(e.nbytes)}) is fully replicated on every device: "
+                   f"{why}")
+        suggestion = ("annotate it (nn.with_logical_partitioning / nnx.with_partitioning), add a path "
+                      f"rule (r'{e.path}$', (...names...)), or raise max_replicated_bytes")
+        if rules.strict:
+            raise ShardingError(message, suggestion=suggestion)
+        warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=3)
 
 
 def _mesh_annotation(leaf: Leaf, mesh_shape: dict[str, int], what: str, strict: bool) -> tuple:
