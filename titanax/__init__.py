@@ -21,7 +21,7 @@ from titanax.parallel import presets as rules
 from titanax.parallel.context import constrain, sharding_context
 from titanax.parallel.plan import DP, FSDP, TP, Plan
 from titanax.parallel.rules import Rules
-from titanax.parallel.shard import ShardedModel, shard
+from titanax.parallel.shard import ShardedModel, shard, tree_layout, tree_shardings
 from titanax import runtime
 from titanax.runtime import MeshSpec, ProcessGroups, initialize, simulate_cpu_devices
 
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CollectiveError", "DistributedError", "MeshError", "PlanError", "ShardingError", "TitanaxError",
     "TitanaxWarning", "exceptions", "profiling", "rules", "constrain", "sharding_context",
-    "DP", "FSDP", "TP", "Plan", "Rules", "ShardedModel", "shard", "MeshSpec", "ProcessGroups",
+    "DP", "FSDP", "TP", "Plan", "Rules", "ShardedModel", "shard", "tree_layout", "tree_shardings",
+    "MeshSpec", "ProcessGroups",
     "initialize", "simulate_cpu_devices", "runtime", "__version__",
 ]

@@ -158,7 +158,7 @@ def test_linen_batchnorm_and_extra_arguments():
     variables = host(sm.variables)
     ref = module.apply(variables, x, train=False)
     np.testing.assert_allclose(sm(x, train=False), ref, rtol=TOL, atol=TOL)
-    out, updates = sm.apply(sm.params, sm.shard_batch(x), train=True, mutable=["batch_stats"])
+    out, updates = sm(x, train=True, mutable=["batch_stats"])
     ref_out, ref_updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(out, ref_out, rtol=TOL, atol=TOL)
     chex_close(host(updates), host(ref_updates), "batch_stats")

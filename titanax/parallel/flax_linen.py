@@ -15,16 +15,13 @@ from titanax.exceptions import ShardingError
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel, tracing_context
+from titanax.parallel.annotations import tree_leaves, unboxed_structure
 from titanax.parallel.sharding import Leaf, layout_tree, path_string
 
 __all__ = ["LinenShardedModel", "shard_linen"]
 
 
-def _is_box(x: Any) -> bool:
-    return isinstance(x, nn.meta.AxisMetadata)
-
-
-def _leaf_path(path: tuple) -> tuple[str, str]:
+def _split_path(path: tuple) -> tuple[str, str]:
     """``(collection, path)``; the ``params`` collection is left out of the path, others kept."""
     collection = str(path[0].key) if path and isinstance(path[0], jax.tree_util.DictKey) else "params"
     rest = path_string(path[1:])
@@ -33,19 +30,7 @@ def _leaf_path(path: tuple) -> tuple[str, str]:
 
 def _leaves(boxed: Any) -> tuple[list[Leaf], Any]:
     """Leaves (with their annotations) of a possibly boxed variables tree, and the unboxed treedef."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=_is_box)
-    leaves = []
-    for path, value in flat:
-        collection, name = _leaf_path(path)
-        names, mesh_axes = None, False
-        if isinstance(value, nn.LogicallyPartitioned):
-            names = tuple(value.names)
-        elif isinstance(value, nn.Partitioned):
-            names, mesh_axes = tuple(value.names), True
-        array = value.value if _is_box(value) else value
-        leaves.append(Leaf(name, collection, tuple(array.shape), array.dtype, names, mesh_axes,
-                           is_param=collection == "params"))
-    return leaves, jax.tree.structure(nn.unbox(boxed))
+    return tree_leaves(boxed, _split_path), unboxed_structure(boxed)
 
 
 def _as_variables(params: Any) -> dict[str, Any]:
@@ -75,10 +60,6 @@ class LinenShardedModel(ShardedModel):
     @property
     def params(self) -> Any:
         return self.variables["params"]
-
-    @params.setter
-    def params(self, value: Any) -> None:
-        self.variables = {**self.variables, "params": value}
 
     @property
     def param_shardings(self) -> Any:

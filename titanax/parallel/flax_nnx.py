@@ -16,37 +16,10 @@ from titanax.exceptions import ShardingError
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel, tracing_context
-from titanax.parallel.sharding import Leaf, layout_tree, path_string
+from titanax.parallel.annotations import tree_leaves
+from titanax.parallel.sharding import layout_tree
 
 __all__ = ["NNXShardedModel", "shard_nnx"]
-
-# Metadata keys NNX has used for a variable's partitioning names across Flax versions.
-_NAME_KEYS = ("out_sharding", "sharding_names", "sharding")
-
-
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _names(variable: nnx.Variable) -> tuple | None:
-    metadata = variable.get_metadata()
-    for key in _NAME_KEYS:
-        names = metadata.get(key)
-        if names is not None:
-            return tuple(names)
-    return None
-
-
-def _leaves(state: nnx.State) -> list[Leaf]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
-    leaves = []
-    for path, variable in flat:
-        value = variable.get_value()
-        leaves.append(Leaf(path_string(path), type(variable).__name__, tuple(value.shape),
-                           value.dtype, _names(variable), False,
-                           is_param=isinstance(variable, nnx.Param)))
-    return leaves
-
 
 def _call_factory(factory: Callable[..., Any], rng: Any) -> Any:
     try:
@@ -126,7 +99,7 @@ def shard_nnx(model: Any, plan: Plan | None, rules: Rules, mesh: Mesh, *, rng: A
             suggestion="pass the function that builds the module instead, e.g. "
             "tx.shard(lambda: MyModel(rngs=nnx.Rngs(0)), plan, mesh)",
         )
-    leaves = _leaves(state)
+    leaves = tree_leaves(state)
     layout = layout_tree(leaves, rules, mesh)
     treedef = jax.tree.structure(state)
     if treedef.num_leaves != len(layout):

@@ -22,9 +22,10 @@ from titanax.exceptions import PlanError, ShardingError
 from titanax.parallel.context import sharding_context
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
-from titanax.parallel.sharding import Layout
+from titanax.parallel.sharding import Layout, layout_tree
 
-__all__ = ["shard", "ShardedModel", "tracing_context", "resolve_mesh", "resolve_rules"]
+__all__ = ["shard", "ShardedModel", "tree_layout", "tree_shardings", "tracing_context", "resolve_mesh",
+           "resolve_rules"]
 
 PlanOrRules = Plan | Rules
 
@@ -80,6 +81,13 @@ def tracing_context(rules: Rules, mesh: Mesh) -> Iterator[None]:
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic)) and not isinstance(x, bool)
+
+
+def _hashable(value: Any) -> Any:
+    """Lists (Flax's ``mutable=["batch_stats"]``) become tuples so they can key the jit cache."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
 
 
 def _all_arrays(value: Any) -> bool:
@@ -178,9 +186,9 @@ class ShardedModel(abc.ABC):
 
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[Any, tuple]:
         dynamic_pos = tuple(i for i, a in enumerate(args) if _all_arrays(a))
-        static_pos = tuple((i, a) for i, a in enumerate(args) if i not in dynamic_pos)
+        static_pos = tuple((i, _hashable(a)) for i, a in enumerate(args) if i not in dynamic_pos)
         dynamic_kw = tuple(sorted(k for k, v in kwargs.items() if _all_arrays(v)))
-        static_kw = tuple(sorted((k, v) for k, v in kwargs.items() if k not in dynamic_kw))
+        static_kw = tuple(sorted((k, _hashable(v)) for k, v in kwargs.items() if k not in dynamic_kw))
         key = (len(args), dynamic_pos, static_pos, dynamic_kw, static_kw)
         try:
             forward = self._forwards.get(key)
@@ -216,6 +224,48 @@ class ShardedModel(abc.ABC):
         mesh = ", ".join(f"{a}={s}" for a, s in self.mesh.shape.items())
         return (f"{type(self).__name__}({type(self._module).__name__}, mesh=({mesh}), "
                 f"{len(self.layout)} arrays, {self.layout.bytes_per_device()} param bytes/device)")
+
+
+def tree_layout(tree: Any, plan_or_rules: PlanOrRules, mesh: Mesh | None = None) -> Layout:
+    """The layout of any pytree of arrays (or their abstract shapes) under a plan or rules.
+
+    Leaves may be plain arrays or ``jax.ShapeDtypeStruct`` (named by path rules, or the FSDP
+    fallback), Linen boxes (``nn.with_logical_partitioning``) or NNX variables (their metadata).
+
+    Args:
+      tree: the pytree, e.g. ``jax.eval_shape(model.init, key, x)`` or an ``nnx.State``.
+      plan_or_rules: a :class:`~titanax.Plan` or :class:`~titanax.Rules`.
+      mesh: the mesh; ``None`` takes the one set by ``jax.set_mesh``.
+
+    Returns:
+      The :class:`~titanax.parallel.sharding.Layout`, one entry per leaf in tree order.
+
+    Example:
+      >>> shapes = {"w": jax.ShapeDtypeStruct((64, 256), jnp.float32)}       # doctest: +SKIP
+      >>> rules = tx.Rules(params=[("w$", ("embed", "mlp"))]) + tx.rules.tensor_parallel()
+      >>> print(tx.tree_layout(shapes, rules, mesh))
+    """
+    from titanax.parallel.annotations import tree_leaves
+
+    mesh = resolve_mesh(mesh)
+    _, rules = resolve_rules(plan_or_rules, mesh)
+    return layout_tree(tree_leaves(tree), rules, mesh)
+
+
+def tree_shardings(tree: Any, plan_or_rules: PlanOrRules, mesh: Mesh | None = None) -> Any:
+    """``NamedSharding``s for every leaf of ``tree``, shaped like it (Linen boxes removed).
+
+    Use them as ``jax.jit`` ``in_shardings``/``out_shardings`` or with ``jax.device_put``; see
+    :func:`tree_layout` for the leaves accepted.
+
+    Example:
+      >>> abstract = jax.eval_shape(model.init, jax.random.key(0), x)        # doctest: +SKIP
+      >>> shardings = tx.tree_shardings(abstract, plan, mesh)
+      >>> variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), x)
+    """
+    from titanax.parallel.annotations import unboxed_structure
+
+    return jax.tree.unflatten(unboxed_structure(tree), tree_layout(tree, plan_or_rules, mesh).shardings)
 
 
 def shard(
