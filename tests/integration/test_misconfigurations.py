@@ -146,3 +146,16 @@ def test_mesh_set_by_jax_set_mesh_is_used():
     with jax.set_mesh(mesh):
         sm = tx.shard(m.LinenMLP(), DP8, example=m.float_batch())
     assert sm.mesh is mesh
+
+
+def test_messy_annotation_with_fewer_names_than_dimensions_names_the_leading_ones():
+    sm = shard_dense(names=("mlp",))  # kernel is 16 x 8: only the first dimension is named
+    assert sm.layout["Dense_0/kernel"].spec == jax.sharding.PartitionSpec("tensor", None)
+
+
+def test_messy_annotation_with_an_indivisible_dimension_is_dropped_with_a_warning():
+    rules = TP_RULES.replace(strict=False)
+    with pytest.warns(tx.TitanaxWarning, match="Dense_0/kernel.*does not divide"):
+        sm = shard_dense(rules, features=5)
+    assert sm.layout["Dense_0/kernel"].replicated
+    assert sm(X).shape == (8, 5)

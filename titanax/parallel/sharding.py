@@ -74,6 +74,8 @@ class ParamLayout:
     """Where ``names`` came from: ``annotation``, ``mesh annotation``, ``path rule``, ``unnamed``
     (the FSDP fallback) or ``none``."""
     sharding: NamedSharding
+    is_param: bool = True
+    """A trainable parameter, as opposed to other state (batch statistics, RNG keys)."""
 
     @property
     def spec(self) -> PartitionSpec:
@@ -139,7 +141,7 @@ class Layout:
         return sum(e.nbytes for e in self._selected(params_only) if e.replicated)
 
     def _selected(self, params_only: bool) -> list[ParamLayout]:
-        return [e for e in self.entries if not params_only or e.collection in ("params", "Param")]
+        return [e for e in self.entries if not params_only or e.is_param]
 
     def describe(self) -> str:
         """A table: path, shape, dtype, logical names, PartitionSpec, bytes per device and in total."""
@@ -149,7 +151,7 @@ class Layout:
             names = "-" if e.names is None else "(" + ", ".join(str(n) for n in e.names) + ")"
             if e.source not in ("annotation", "none"):
                 names += f" [{e.source}]"
-            path = e.path if e.collection in ("params", "Param") else f"{e.path} <{e.collection}>"
+            path = e.path if e.is_param else f"{e.path} <{e.collection}>"
             rows.append((path, "x".join(map(str, e.shape)) or "()", _dtype_name(e.dtype), names,
                          _spec_str(e.spec), human_bytes(e.bytes_per_device), human_bytes(e.nbytes)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -213,7 +215,7 @@ def layout_tree(leaves: Sequence[Leaf], rules: Rules, mesh: Mesh) -> Layout:
         else:
             names, source, entry = None, "none", (None,) * len(leaf.shape)
         entries.append(ParamLayout(leaf.path, leaf.collection, tuple(leaf.shape), leaf.dtype, names,
-                                   source, NamedSharding(mesh, PartitionSpec(*entry))))
+                                   source, NamedSharding(mesh, PartitionSpec(*entry)), leaf.is_param))
     _check_replicated(entries, rules, mesh_shape)
     for i, (pattern, names) in enumerate(rules.params):
         if i not in used_path_rules:
@@ -233,7 +235,7 @@ def _check_replicated(entries: list[ParamLayout], rules: Rules, mesh_shape: dict
     if limit is None:
         return
     for e in entries:
-        if e.collection not in ("params", "Param") or not e.replicated or e.nbytes <= limit:
+        if not e.is_param or not e.replicated or e.nbytes <= limit:
             continue
         if e.names is not None and not any(n is not None and rules.shards_name(n, mesh_shape)
                                            for n in e.names):
