@@ -4,7 +4,9 @@ import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+                                    # simulated devices on 2 busy cores can be slow to meet in a collective
+                                    "--xla_cpu_collective_call_terminate_timeout_seconds=900"]).strip()
 sys.path.insert(0, os.path.dirname(__file__))  # `import models` from any test directory
 
 import jax  # noqa: E402

@@ -7,7 +7,7 @@ Example:
   >>> print(sm.describe())
 """
 
-from titanax import exceptions, profiling
+from titanax import data, exceptions, logging, optim, profiling
 from titanax.exceptions import (
     CollectiveError,
     DistributedError,
@@ -16,6 +16,17 @@ from titanax.exceptions import (
     ShardingError,
     TitanaxError,
     TitanaxWarning,
+)
+from titanax.exec import (
+    CheckpointHook,
+    Engine,
+    LossScale,
+    Precision,
+    StepFunction,
+    TrainState,
+    collectives,
+    create_train_state,
+    step_fn,
 )
 from titanax.parallel import presets as rules
 from titanax.parallel.context import constrain, sharding_context
@@ -32,5 +43,7 @@ __all__ = [
     "TitanaxWarning", "exceptions", "profiling", "rules", "constrain", "sharding_context",
     "DP", "FSDP", "TP", "Plan", "Rules", "ShardedModel", "shard", "tree_layout", "tree_shardings",
     "MeshSpec", "ProcessGroups",
-    "initialize", "simulate_cpu_devices", "runtime", "__version__",
+    "initialize", "simulate_cpu_devices", "runtime", "data", "logging", "optim", "CheckpointHook",
+    "Engine", "LossScale", "Precision", "StepFunction", "TrainState", "collectives",
+    "create_train_state", "step_fn", "__version__",
 ]

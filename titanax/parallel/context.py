@@ -84,8 +84,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrain an activation's layout by logical names (``with_sharding_constraint``).
 
     In model code, name the dimensions of an intermediate value; the active plan's rules decide
-    the mesh axes. Outside every Titanax context it returns ``x`` unchanged, so the model still
-    runs on one device.
+    the mesh axes. Outside every Titanax context (and inside ``jax.shard_map``, where values are
+    per-device blocks) it returns ``x`` unchanged, so the model still runs on one device.
 
     Args:
       x: the array to constrain (inside ``jax.jit`` or eagerly).
@@ -102,7 +102,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
       >>> h_BTF = tx.constrain(h_BTF, ("batch", "seq", "mlp"))  # doctest: +SKIP
     """
     rules = current_rules()
-    if rules is None:
+    if rules is None or jax.sharding.get_abstract_mesh().manual_axes:
+        # Inside jax.shard_map (manual mode) each device holds a block: there is no layout to hint.
         return x
     mesh = current_mesh()
     if mesh is None:

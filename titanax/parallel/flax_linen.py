@@ -70,15 +70,14 @@ class LinenShardedModel(ShardedModel):
         """Shardings of every collection, shaped like :attr:`variables`."""
         return self._shardings
 
-    def apply(self, params: Any, *args: Any, **kwargs: Any) -> Any:
-        """``module.apply`` with ``params`` and this model's other collections.
+    @property
+    def model_state(self) -> dict[str, Any]:
+        return {k: v for k, v in self.variables.items() if k != "params"}
 
-        Example:
-          >>> loss = lambda p, x: jnp.mean(sm.apply(p, x) ** 2)               # doctest: +SKIP
-          >>> grads = jax.jit(jax.grad(loss))(sm.params, sm.shard_batch(x))
-        """
+    def apply_with_state(self, params: Any, model_state: Any, *args: Any, **kwargs: Any) -> Any:
+        """``module.apply`` over ``{**model_state, "params": params}``."""
         with self.tracing():
-            return self._module.apply({**self.variables, "params": params}, *args, **kwargs)
+            return self._module.apply({**model_state, "params": params}, *args, **kwargs)
 
     def _state(self) -> Any:
         return self.variables

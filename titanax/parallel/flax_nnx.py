@@ -60,18 +60,18 @@ class NNXShardedModel(ShardedModel):
         """All of the module's state (parameters and the rest)."""
         return nnx.state(self._module)
 
-    def apply(self, params: nnx.State, *args: Any, **kwargs: Any) -> Any:
-        """Call a copy of the module holding ``params`` (and this module's other state).
+    @property
+    def model_state(self) -> nnx.State:
+        return nnx.state(self._module, nnx.Not(nnx.Param))
+
+    def apply_with_state(self, params: nnx.State, model_state: nnx.State, *args: Any,
+                         **kwargs: Any) -> Any:
+        """Call a copy of the module holding ``params`` and ``model_state``.
 
         Changes the call makes to non-parameter state are dropped: this is a pure function.
-
-        Example:
-          >>> loss = lambda p, x: jnp.mean(sm.apply(p, x) ** 2)               # doctest: +SKIP
-          >>> grads = jax.jit(jax.grad(loss))(sm.params, sm.shard_batch(x))
         """
-        rest = nnx.state(self._module, nnx.Not(nnx.Param))
         with self.tracing():
-            return nnx.merge(self.graphdef, params, rest, copy=True)(*args, **kwargs)
+            return nnx.merge(self.graphdef, params, model_state, copy=True)(*args, **kwargs)
 
     def _state(self) -> Any:
         return nnx.state(self._module)

@@ -129,9 +129,26 @@ class ShardedModel(abc.ABC):
     def param_shardings(self) -> Any:
         """A tree like :attr:`params` whose leaves are their ``NamedSharding``s."""
 
+    @property
     @abc.abstractmethod
+    def model_state(self) -> Any:
+        """Non-parameter state: Linen collections other than ``params``, or NNX's other variables."""
+
+    @abc.abstractmethod
+    def apply_with_state(self, params: Any, model_state: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the model with ``params`` and ``model_state`` (pure; what a TrainState calls)."""
+
     def apply(self, params: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run the model with ``params`` (pure: use it inside your own ``jax.jit``/``jax.grad``)."""
+        """Run the model with ``params`` and this model's other state.
+
+        Pure: use it inside your own ``jax.jit`` and ``jax.grad``; ``tx.constrain`` calls in the
+        model resolve against this model's rules and mesh.
+
+        Example:
+          >>> loss = lambda p, x: jnp.mean(sm.apply(p, x) ** 2)               # doctest: +SKIP
+          >>> grads = jax.jit(jax.grad(loss))(sm.params, sm.shard_batch(x))
+        """
+        return self.apply_with_state(params, self.model_state, *args, **kwargs)
 
     @abc.abstractmethod
     def _state(self) -> Any:

@@ -8,7 +8,13 @@ import jax
 
 from titanax.exceptions import MeshError
 
-__all__ = ["simulate_cpu_devices"]
+__all__ = ["simulate_cpu_devices", "CPU_COLLECTIVE_FLAGS"]
+
+# Simulated devices are threads sharing the host's cores: on a busy 2-core machine one of them can
+# reach a collective more than XLA's default 40 s after the others, and XLA then aborts the process.
+# Both flags exist in every jaxlib Titanax supports (0.10.2 - 0.12).
+CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=900",
+                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 
 
 def simulate_cpu_devices(count: int) -> None:
@@ -44,5 +50,8 @@ def simulate_cpu_devices(count: int) -> None:
             f"XLA_FLAGS=--xla_force_host_platform_device_count={count} JAX_PLATFORMS=cpu",
         )
     os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in CPU_COLLECTIVE_FLAGS if f.split("=")[0] not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)

@@ -1,0 +1,29 @@
+"""Data: deterministic resumable loading, and host-local batches to global sharded arrays.
+
+Example:
+  >>> loader = tx.data.ArrayLoader({"image": x, "label": y}, batch_size=256, seed=0)  # doctest: +SKIP
+  >>> data = tx.data.prefetch_to_device(loader, mesh=mesh, rules_or_plan=plan)
+  >>> batch = next(data)          # {"image": jax.Array split over the batch axes, ...}
+  >>> resume_from = data.state()  # the loader state after the batches actually handed out
+"""
+
+from titanax.data.global_batch import (
+    DataShard,
+    batch_sharding,
+    global_batch_size,
+    process_data_shard,
+    to_global,
+)
+from titanax.data.loader import ArrayLoader
+from titanax.data.prefetch import DevicePrefetcher, prefetch_to_device
+
+__all__ = [
+    "ArrayLoader",
+    "DataShard",
+    "DevicePrefetcher",
+    "batch_sharding",
+    "global_batch_size",
+    "prefetch_to_device",
+    "process_data_shard",
+    "to_global",
+]

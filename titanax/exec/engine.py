@@ -1,0 +1,287 @@
+"""``tx.Engine``: the drop-in training loop over a mesh, a plan, an optimizer and loggers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from titanax.data import DevicePrefetcher, to_global
+from titanax.exceptions import PlanError, TitanaxError
+from titanax.exec.precision import Precision
+from titanax.exec.state import TrainState, create_train_state
+from titanax.exec.step import StepFunction, step_fn
+from titanax.logging import Logger, MultiLogger, ThroughputMeter, peak_flops_per_device
+from titanax.parallel.plan import Plan
+from titanax.parallel.shard import ShardedModel, resolve_mesh, resolve_rules, shard
+
+__all__ = ["Engine", "CheckpointHook", "Hook"]
+
+Hook = Callable[[int, TrainState, Mapping[str, float]], None]
+"""Called at every log interval with the step, the state and the fetched metrics."""
+
+
+class CheckpointHook(Protocol):
+    """What the engine asks of a checkpointer (``tx.io.OrbaxCheckpoint`` implements it)."""
+
+    def restore_latest(self, state: TrainState) -> tuple[TrainState, Any] | None:
+        """The newest saved ``(state, data_state)`` laid out like ``state``, or ``None``."""
+
+    def maybe_save(self, step: int, state: TrainState, *, data_state: Any, force: bool = False) -> None:
+        """Save if ``step`` is due (or ``force``)."""
+
+    def wait(self) -> None:
+        """Block until pending saves are on disk."""
+
+
+class Engine:
+    """Trains a sharded model: compiled steps, microbatching, logging, evaluation, checkpoints.
+
+    Example:
+      >>> engine = tx.Engine(mesh=mesh, plan=plan, optimizer=tx.optim.adamw(3e-4),  # doctest: +SKIP
+      ...                    loggers=[tx.logging.Basic()])
+      >>> state = engine.init(model, example=batch["image"])
+      >>> state = engine.fit(train_step, data=loader, steps=1_000)
+    """
+
+    def __init__(
+        self,
+        *,
+        mesh: Mesh | None = None,
+        plan: Plan,
+        optimizer: optax.GradientTransformation,
+        precision: Precision | None = None,
+        checkpoint: CheckpointHook | None = None,
+        loggers: Sequence[Logger] = (),
+        log_every: int = 10,
+        flops_per_example: float | None = None,
+        peak_flops: float | None = None,
+        prefetch: int = 2,
+    ) -> None:
+        """
+        Args:
+          mesh: the device mesh; ``None`` takes the one set by ``jax.set_mesh``.
+          plan: the parallelism plan (validated against ``mesh`` here).
+          optimizer: any optax ``GradientTransformation`` (``tx.optim.adamw(...)``).
+          precision: the precision policy (float32 by default).
+          checkpoint: a checkpointer (``tx.io.OrbaxCheckpoint``) or ``None``.
+          loggers: where metrics go; only process 0 writes.
+          log_every: steps between metric fetches (the only host-device sync of the loop).
+          flops_per_example: model FLOPs per example for MFU; ``None`` reads the compiled step's
+            cost analysis (per device, scaled by the microbatch count).
+          peak_flops: peak FLOP/s of one device for MFU; ``None`` looks the device kind up.
+          prefetch: batches kept in flight to the devices.
+        """
+        self.mesh = resolve_mesh(mesh)
+        self.plan, self.rules = resolve_rules(plan, self.mesh)
+        self.optimizer = optimizer
+        self.precision = precision or Precision()
+        self.checkpoint = checkpoint
+        self.logger = MultiLogger(list(loggers))
+        if not isinstance(log_every, int) or log_every < 1:
+            raise PlanError(f"Engine(log_every={log_every!r}) must be a positive integer",
+                            suggestion="use log_every=10")
+        self.log_every = log_every
+        self.flops_per_example = flops_per_example
+        self.peak_flops = peak_flops
+        self.prefetch = prefetch
+        self.state: TrainState | None = None
+
+    # ------------------------------------------------------------------------------------ init
+    def init(self, model: Any, example: Any = None, *, rng: int | jax.Array = 0, params: Any = None,
+             example_kwargs: Mapping[str, Any] | None = None) -> TrainState:
+        """Create the training state, directly sharded.
+
+        Args:
+          model: a ``tx.shard`` result on this engine's mesh, or a Flax model (Linen module, NNX
+            module or factory) to shard with the engine's plan.
+          example: Linen only: an input batch (or tuple of inputs) to initialize from.
+          rng: seed or key for initialization and the per-step PRNG.
+          params: existing parameters instead of initializing.
+          example_kwargs: Linen only: keyword arguments for ``init``.
+
+        Returns:
+          The :class:`TrainState` (also kept as ``engine.state``).
+        """
+        if isinstance(model, ShardedModel):
+            if model.mesh != self.mesh:
+                raise PlanError(
+                    "the sharded model lives on a different mesh than the engine",
+                    suggestion="shard it with the engine's mesh: tx.shard(model, plan, engine.mesh)",
+                )
+            sharded = model
+        else:
+            sharded = shard(model, self.plan, self.mesh, example=example, rng=rng, params=params,
+                            example_kwargs=example_kwargs)
+        self.state = create_train_state(sharded, self.optimizer, precision=self.precision, rng=rng)
+        return self.state
+
+    # ------------------------------------------------------------------------------------- fit
+    def fit(
+        self,
+        step: StepFunction | Callable[..., Any],
+        data: Iterable[Any],
+        steps: int,
+        *,
+        state: TrainState | None = None,
+        eval_step: Callable[[TrainState, Any], Mapping[str, Any]] | None = None,
+        eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
+        eval_every: int | None = None,
+        hooks: Sequence[Hook] = (),
+    ) -> TrainState:
+        """Train until ``state.step == steps``.
+
+        Args:
+          step: a ``@tx.step_fn`` (a plain function is wrapped with ``tx.step_fn``).
+          data: host batches (dicts of NumPy arrays, each process its own slice; a
+            ``tx.data.ArrayLoader`` resumes exactly) or global ``jax.Array`` batches.
+          steps: the step number to stop at (a restored run continues to the same end).
+          state: the state to start from; default ``engine.state`` from :meth:`init`.
+          eval_step: ``(state, batch) -> metrics`` for held-out data.
+          eval_data: batches for evaluation (re-iterable, or a function returning an iterable).
+          eval_every: steps between evaluations (and always at the end) when ``eval_step`` is set.
+          hooks: called at each log interval with ``(step, state, metrics)``.
+
+        Returns:
+          The final state (also kept as ``engine.state``).
+        """
+        state = state if state is not None else self.state
+        if state is None:
+            raise TitanaxError("Engine.fit has no state to train",
+                               suggestion="call engine.init(model, example=...) first, or pass state=")
+        step = step if isinstance(step, StepFunction) else step_fn(step)
+        batches = self._device_batches(data)
+        if self.checkpoint is not None:
+            restored = self.checkpoint.restore_latest(state)
+            if restored is not None:
+                state, data_state = restored
+                if data_state is not None and hasattr(batches, "restore"):
+                    batches.restore(data_state)
+        start = int(jax.device_get(state.step))
+        if start >= steps:
+            self.state = state
+            return state
+        self.logger.start(total_steps=steps, start_step=start)
+        meter: ThroughputMeter | None = None
+        pending: list[dict[str, jax.Array]] = []
+        current = start
+        try:
+            for batch in batches:
+                if meter is None:
+                    meter = self._meter(step, state, batch)
+                    meter.update(current)
+                state, metrics = step(state, batch)
+                current += 1
+                pending.append(metrics)
+                last = current >= steps
+                if current % self.log_every == 0 or last:
+                    logged = self._fetch(pending)
+                    logged.update(meter.update(current))
+                    pending = []
+                    if eval_step is not None and eval_data is not None and (
+                        last or (eval_every and current % eval_every == 0)):
+                        logged.update(self.evaluate(eval_step, state, eval_data))
+                    self.logger.log(current, logged)
+                    for hook in hooks:
+                        hook(current, state, logged)
+                if self.checkpoint is not None:
+                    self.checkpoint.maybe_save(current, state, data_state=_data_state(batches),
+                                               force=last)
+                if last:
+                    break
+            else:
+                if current < steps:
+                    raise TitanaxError(
+                        f"the data ran out after step {current} of {steps}",
+                        suggestion="use an endless loader (tx.data.ArrayLoader(..., epochs=None)) or "
+                        "fewer steps",
+                    )
+        finally:
+            if self.checkpoint is not None:
+                self.checkpoint.wait()
+            self.logger.close()
+        self.state = state
+        return state
+
+    def evaluate(self, eval_step: Callable[[TrainState, Any], Mapping[str, Any]], state: TrainState,
+                 data: Iterable[Any] | Callable[[], Iterable[Any]]) -> dict[str, float]:
+        """Mean of ``eval_step`` metrics over ``data``, weighted by batch size, prefixed ``eval/``."""
+        jitted = self._eval_jit(eval_step, state)
+        totals: dict[str, float] = {}
+        count = 0
+        source = data() if callable(data) else data
+        for batch in self._device_batches(source, prefetch=False):
+            size = int(jax.tree.leaves(batch)[0].shape[0])
+            metrics = jax.device_get(jitted(state, batch))
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * size
+            count += size
+        if count == 0:
+            raise TitanaxError("evaluation data yielded no batch",
+                               suggestion="pass a re-iterable (a list, or a function returning a loader)")
+        return {f"eval/{k}": v / count for k, v in totals.items()}
+
+    # --------------------------------------------------------------------------------- helpers
+    def _eval_jit(self, eval_step: Callable[..., Any], state: TrainState) -> Callable[..., Any]:
+        cache = self.__dict__.setdefault("_eval_cache", {})
+        key = (eval_step, jax.tree.structure(state))
+        if key not in cache:
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+            def run(state: TrainState, batch: Any) -> dict[str, jax.Array]:
+                return {k: jax.numpy.asarray(v, jax.numpy.float32) for k, v in eval_step(state, batch).items()}
+
+            cache[key] = jax.jit(run, in_shardings=(state_shardings, None), out_shardings=replicated)
+        return cache[key]
+
+    def _device_batches(self, data: Iterable[Any], prefetch: bool = True) -> Iterator[Any]:
+        if isinstance(data, DevicePrefetcher):
+            return data
+        if prefetch and self.prefetch > 0:
+            return DevicePrefetcher(data, mesh=self.mesh, rules_or_plan=self.rules, size=self.prefetch)
+        return (to_global(b, self.mesh, self.rules) if not _is_global(b) else b for b in data)
+
+    def _fetch(self, pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+        fetched = jax.device_get(pending)  # one sync for the whole interval
+        keys = fetched[-1].keys()
+        out = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+        for cumulative in ("loss_scale", "skipped_steps"):  # states, not per-step values
+            if cumulative in fetched[-1]:
+                out[cumulative] = float(fetched[-1][cumulative])
+        return out
+
+    def _meter(self, step: StepFunction, state: TrainState, batch: Any) -> ThroughputMeter:
+        examples = int(jax.tree.leaves(batch)[0].shape[0])
+        peak = self.peak_flops if self.peak_flops is not None else peak_flops_per_device(
+            self.mesh.devices.flat[0].device_kind, self.precision.compute)
+        flops = None
+        if self.flops_per_example is not None:
+            flops = self.flops_per_example * examples / self.mesh.size
+        elif peak is not None:  # only worth a look at the compiled program when MFU can be shown
+            from titanax.profiling import inspect
+
+            stats = inspect(step.lower(state, batch).compile())
+            flops = None if stats.flops is None else stats.flops * state.accumulate_steps
+        return ThroughputMeter(examples_per_step=examples, flops_per_step=flops,
+                               num_devices=self.mesh.size, peak_flops_per_device=peak)
+
+
+def _is_global(batch: Any) -> bool:
+    leaves = jax.tree.leaves(batch)
+    return bool(leaves) and all(isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 for x in leaves)
+
+
+def _data_state(batches: Any) -> Any:
+    state = getattr(batches, "state", None)
+    if not callable(state):
+        return None
+    try:
+        return state()
+    except TitanaxError:
+        return None
+

@@ -1,0 +1,211 @@
+"""TrainState: parameters, optimizer state, step and PRNG as one sharded pytree."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from titanax.exceptions import CollectiveError
+from titanax.exec.precision import LossScale, Precision, scale_cotangent
+from titanax.optim import as_optimizer
+from titanax.parallel.rules import Rules
+from titanax.parallel.shard import ShardedModel
+from titanax.parallel.sharding import path_string
+
+__all__ = ["TrainState", "create_train_state"]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes, laid out on the mesh.
+
+    Arrays (``step``, ``params``, ``opt_state``, ``rng``, ``model_state``, ``loss_scale``) are
+    pytree leaves; the model's apply function, the optimizer, the precision policy and the layout
+    are static, so a jitted step is specialised to them.
+
+    Inside a ``@tx.step_fn``, ``rng`` is a fresh key every step (folded from the base key and the
+    step number) and :meth:`apply_gradients` accumulates instead of updating while microbatches of
+    ``DP(accumulate_steps=k)`` run.
+    """
+
+    step: jax.Array
+    """Optimizer steps taken (int32 scalar, replicated)."""
+    params: Any
+    """Parameters in the master dtype, sharded by the plan."""
+    opt_state: Any
+    """Optimizer state; each slot shaped like a parameter has that parameter's sharding."""
+    rng: jax.Array
+    """Base PRNG key (inside a step function: this step's key)."""
+    model_state: Any
+    """Non-parameter model state: Linen collections other than ``params`` (``batch_stats``), or the
+    NNX module's other variables."""
+    loss_scale: LossScale | None
+    """Loss-scaling state when ``Precision(loss_scale=...)`` is set."""
+    grad_accum: Any
+    """Gradients summed over the microbatches of one step (only while accumulating)."""
+    apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+    optimizer: optax.GradientTransformation = struct.field(pytree_node=False)
+    precision: Precision = struct.field(pytree_node=False)
+    mesh: Mesh = struct.field(pytree_node=False)
+    rules: Rules = struct.field(pytree_node=False)
+    accumulate_steps: int = struct.field(pytree_node=False, default=1)
+    accumulating: bool = struct.field(pytree_node=False, default=False)
+    manual_axes: tuple[str, ...] = struct.field(pytree_node=False, default=())
+    """Inside a manual-mode step: the mesh axes gradients must be reduced over."""
+
+    def apply(self, params: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the model with ``params`` under the precision policy (use inside your loss).
+
+        Parameters and floating inputs are cast to the compute dtype inside the differentiated
+        function, so gradients come back in the master dtype; floating outputs are cast back. Under
+        loss scaling, the output carries the scale into the backward pass.
+
+        Example:
+          >>> def loss_fn(params, batch):                                     # doctest: +SKIP
+          ...     logits = state.apply(params, batch["image"])
+          ...     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        """
+        cast = self.precision.cast_to_compute
+        out = self.apply_fn(cast(params), self.model_state, *cast(args), **cast(kwargs))
+        out = self.precision.cast_to_params(out)
+        if self.loss_scale is not None:
+            out = scale_cotangent(out, jax.lax.stop_gradient(self.loss_scale.scale))
+        return out
+
+    def apply_gradients(self, *, grads: Any, **changes: Any) -> TrainState:
+        """One optimizer update (or, while accumulating microbatches, add ``grads`` to the sum).
+
+        Under loss scaling the gradients are unscaled first; a step whose gradients are not finite
+        leaves parameters and optimizer state unchanged and lowers the scale.
+
+        Args:
+          grads: gradients shaped like ``params``.
+          **changes: other fields to replace at the same time (e.g. ``model_state=``).
+
+        Returns:
+          The new state.
+        """
+        grads = self.precision.cast_to_params(grads)
+        if self.accumulating:
+            if self.manual_axes:
+                _check_reduced(grads, self.manual_axes)
+            return self.replace(grad_accum=jax.tree.map(jnp.add, self.grad_accum, grads), **changes)
+        if self.loss_scale is not None:
+            inverse = 1.0 / self.loss_scale.scale
+            grads = jax.tree.map(lambda g: g * inverse.astype(g.dtype), grads)
+            finite = jnp.array(True)
+            for g in jax.tree.leaves(grads):
+                finite = finite & jnp.all(jnp.isfinite(g))
+        updates, opt_state = self.optimizer.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        loss_scale = self.loss_scale
+        if loss_scale is not None:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            params, opt_state = keep(params, self.params), keep(opt_state, self.opt_state)
+            loss_scale = loss_scale.adjust(finite, self.precision)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
+                            loss_scale=loss_scale, **changes)
+
+
+def varying_axes(x: jax.Array) -> frozenset[str]:
+    """Mesh axes along which ``x`` differs between devices (inside ``jax.shard_map``)."""
+    return frozenset(getattr(jax.typeof(x), "vma", frozenset()))
+
+
+def _check_reduced(grads: Any, axes: tuple[str, ...]) -> None:
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        left = varying_axes(g) & set(axes)
+        if left:
+            raise CollectiveError(
+                f"gradient {path_string(path)!r} still differs per device along {sorted(left)}: in "
+                "manual mode each device's gradient covers only its slice of the batch",
+                suggestion=f"reduce them before the update: grads = tx.collectives.pmean(grads, "
+                f"{tuple(sorted(left)) if len(left) > 1 else sorted(left)[0]!r})",
+            )
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def opt_state_shardings(abstract_opt_state: Any, params: Any, param_shardings: Any,
+                        mesh: Mesh) -> Any:
+    """Shardings for an optimizer state: a slot shaped like a parameter, at a path ending in that
+    parameter's path, gets the parameter's sharding; everything else (step counts) is replicated.
+
+    Matching by path suffix works for any optax state (chains, ``MultiSteps``, masks) without
+    knowing its classes.
+    """
+    by_path = {}
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                      jax.tree.leaves(param_shardings)):
+        by_path[path_string(path)] = (tuple(leaf.shape), sharding)
+
+    def pick(path: tuple, leaf: Any) -> NamedSharding:
+        name = path_string(path)
+        best = None
+        for param_path, (shape, sharding) in by_path.items():
+            if (name == param_path or name.endswith("/" + param_path)) and tuple(leaf.shape) == shape:
+                if best is None or len(param_path) > len(best[0]):
+                    best = (param_path, sharding)
+        return best[1] if best is not None else _replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def create_train_state(
+    model: ShardedModel,
+    optimizer: optax.GradientTransformation,
+    *,
+    precision: Precision | None = None,
+    rng: int | jax.Array = 0,
+    accumulate_steps: int | None = None,
+) -> TrainState:
+    """A :class:`TrainState` for a sharded model, every array created directly sharded.
+
+    Args:
+      model: what :func:`tx.shard` returned.
+      optimizer: any optax ``GradientTransformation`` (e.g. ``tx.optim.adamw(3e-4)``).
+      precision: the precision policy; float32 throughout by default.
+      rng: seed or key for the per-step PRNG.
+      accumulate_steps: microbatches per step; default from the plan's ``DP(accumulate_steps=)``.
+
+    Returns:
+      The state: parameters cast to the master dtype, optimizer slots with their parameter's
+      sharding, scalars replicated.
+    """
+    precision = precision or Precision()
+    optimizer = as_optimizer(optimizer)
+    mesh = model.mesh
+    if accumulate_steps is None:
+        dp = model.plan.data_parallel if model.plan is not None else None
+        accumulate_steps = dp.accumulate_steps if dp is not None else 1
+    param_shardings = model.param_shardings
+    params = jax.jit(precision.cast_to_params, out_shardings=param_shardings)(model.params)
+    abstract = jax.eval_shape(optimizer.init, params)
+    opt_shardings = opt_state_shardings(abstract, params, param_shardings, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    replicated = _replicated(mesh)
+    loss_scale = precision.initial_loss_scale()
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(key, replicated),
+        model_state=model.model_state,
+        loss_scale=None if loss_scale is None else jax.device_put(loss_scale, replicated),
+        grad_accum=None,
+        apply_fn=model.apply_with_state,
+        optimizer=optimizer,
+        precision=precision,
+        mesh=mesh,
+        rules=model.rules,
+        accumulate_steps=accumulate_steps,
+    )
