@@ -48,6 +48,7 @@ from titanax.exceptions import CollectiveError
 
 __all__ = [
     "psum",
+    "varying_axes",
     "pmean",
     "all_gather",
     "reduce_scatter",
@@ -469,3 +470,15 @@ def axis_size(axis_name: AxisName) -> int:
       >>> n = tx.collectives.axis_size(("data", "model"))   # doctest: +SKIP
     """
     return _size(_check_axes("axis_size", axis_name))
+
+
+def varying_axes(x: Any) -> frozenset[str]:
+    """Mesh axes along which ``x`` differs between devices inside ``jax.shard_map``.
+
+    Empty outside a shard_map, and for values replicated (invariant) over every manual axis.
+    """
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10: the varying set lives here
+    if manual is not None and hasattr(manual, "varying"):
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))

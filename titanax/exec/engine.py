@@ -173,10 +173,12 @@ class Engine:
             for batch in batches:
                 if meter is None:
                     meter = self._meter(step, state, batch)
-                    meter.update(current)
                 state, metrics = step(state, batch)
                 current += 1
                 pending.append(metrics)
+                if current == start + 1:  # start the clock after compilation
+                    jax.block_until_ready(metrics)
+                    meter.update(current)
                 last = current >= steps
                 if current % self.log_every == 0 or last:
                     logged = self._fetch(pending)
@@ -261,12 +263,13 @@ class Engine:
             self.mesh.devices.flat[0].device_kind, self.precision.compute)
         flops = None
         if self.flops_per_example is not None:
-            flops = self.flops_per_example * examples / self.mesh.size
+            flops = self.flops_per_example * examples
         elif peak is not None:  # only worth a look at the compiled program when MFU can be shown
             from titanax.profiling import inspect
 
+            # XLA reports per-device FLOPs and counts a scanned microbatch loop's body once.
             stats = inspect(step.lower(state, batch).compile())
-            flops = None if stats.flops is None else stats.flops * state.accumulate_steps
+            flops = None if stats.flops is None else stats.flops * self.mesh.size * state.accumulate_steps
         return ThroughputMeter(examples_per_step=examples, flops_per_step=flops,
                                num_devices=self.mesh.size, peak_flops_per_device=peak)
 

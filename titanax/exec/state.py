@@ -12,6 +12,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax.exceptions import CollectiveError
+from titanax.exec.collectives import varying_axes
 from titanax.exec.precision import LossScale, Precision, scale_cotangent
 from titanax.optim import as_optimizer
 from titanax.parallel.rules import Rules
@@ -111,11 +112,6 @@ class TrainState:
             loss_scale = loss_scale.adjust(finite, self.precision)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
                             loss_scale=loss_scale, **changes)
-
-
-def varying_axes(x: jax.Array) -> frozenset[str]:
-    """Mesh axes along which ``x`` differs between devices (inside ``jax.shard_map``)."""
-    return frozenset(getattr(jax.typeof(x), "vma", frozenset()))
 
 
 def _check_reduced(grads: Any, axes: tuple[str, ...]) -> None:

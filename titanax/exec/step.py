@@ -13,7 +13,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from titanax.exceptions import CollectiveError, ShardingError, TitanaxError
-from titanax.exec.state import TrainState, varying_axes
+from titanax.exec.collectives import varying_axes
+from titanax.exec.state import TrainState
 
 __all__ = ["StepFunction", "step_fn", "batch_shardings"]
 
