@@ -265,3 +265,29 @@ def test_engine_reports_a_step_function_that_returns_the_wrong_thing():
     with pytest.raises(tx.TitanaxError, match="must return") as err:
         engine.fit(wrong, iter(batches(1)), steps=1, state=state)
     assert err.value.suggestion
+
+
+def test_fit_accepts_global_batches_and_reports_data_running_out():
+    engine = engine_for("dp8")
+    state = engine.init(CNN(), example=batches(1)[0]["image"])
+    placed = [tx.data.to_global(b, engine.mesh, engine.plan) for b in batches(3)]
+    state = engine.fit(train_step, placed, steps=3, state=state)
+    assert int(state.step) == 3
+    with pytest.raises(tx.TitanaxError, match="ran out") as err:
+        engine.fit(train_step, iter(batches(2)), steps=6, state=state)
+    assert "ArrayLoader" in err.value.suggestion
+
+
+def test_throughput_and_mfu_from_given_or_compiled_flops():
+    for flops_per_example in (2.0e6, None):
+        spec, plan = LAYOUTS["dp8"]
+        engine = tx.Engine(mesh=spec.build(), plan=plan(1), optimizer=tx.optim.sgd(0.01), log_every=5,
+                           flops_per_example=flops_per_example, peak_flops=1e12)
+        seen, _ = run(engine, train_step, batches(10), steps=10)
+        last = seen[-1]
+        assert last["examples_per_s"] > 0
+        if flops_per_example is not None:
+            expected = last["examples_per_s"] * flops_per_example / (8 * 1e12)
+            assert last["mfu"] == pytest.approx(expected, rel=1e-6)
+        else:  # read from the compiled step's cost analysis
+            assert 0 < last["mfu"] < 1

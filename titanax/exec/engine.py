@@ -242,11 +242,14 @@ class Engine:
         return cache[key]
 
     def _device_batches(self, data: Iterable[Any], prefetch: bool = True) -> Iterator[Any]:
+        """Global batches from ``data``. A resumable source (``state()``, e.g. an ArrayLoader) is
+        prefetched, and its state is reported for the batches actually consumed; other sources are
+        converted batch by batch (already-global ``jax.Array`` batches pass through)."""
         if isinstance(data, DevicePrefetcher):
             return data
-        if prefetch and self.prefetch > 0:
+        if prefetch and self.prefetch > 0 and callable(getattr(data, "state", None)):
             return DevicePrefetcher(data, mesh=self.mesh, rules_or_plan=self.rules, size=self.prefetch)
-        return (to_global(b, self.mesh, self.rules) if not _is_global(b) else b for b in data)
+        return (b if _is_global(b) else to_global(b, self.mesh, self.rules) for b in data)
 
     def _fetch(self, pending: list[dict[str, jax.Array]]) -> dict[str, float]:
         fetched = jax.device_get(pending)  # one sync for the whole interval
@@ -276,7 +279,7 @@ class Engine:
 
 def _is_global(batch: Any) -> bool:
     leaves = jax.tree.leaves(batch)
-    return bool(leaves) and all(isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 for x in leaves)
+    return bool(leaves) and all(isinstance(x, jax.Array) for x in leaves)
 
 
 def _data_state(batches: Any) -> Any:
