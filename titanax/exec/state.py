@@ -144,13 +144,12 @@ def opt_state_shardings(abstract_opt_state: Any, params: Any, param_shardings: A
         by_path[path_string(path)] = (tuple(leaf.shape), sharding)
 
     def pick(path: tuple, leaf: Any) -> NamedSharding:
-        name = path_string(path)
-        best = None
-        for param_path, (shape, sharding) in by_path.items():
-            if (name == param_path or name.endswith("/" + param_path)) and tuple(leaf.shape) == shape:
-                if best is None or len(param_path) > len(best[0]):
-                    best = (param_path, sharding)
-        return best[1] if best is not None else _replicated(mesh)
+        parts = path_string(path).split("/")
+        for start in range(len(parts)):  # longest matching suffix first
+            match = by_path.get("/".join(parts[start:]))
+            if match is not None and match[0] == tuple(leaf.shape):
+                return match[1]
+        return _replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
