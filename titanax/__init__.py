@@ -7,8 +7,9 @@ Example:
   >>> print(sm.describe())
 """
 
-from titanax import data, exceptions, logging, optim, profiling
+from titanax import data, exceptions, io, logging, optim, profiling
 from titanax.exceptions import (
+    CheckpointError,
     CollectiveError,
     DistributedError,
     MeshError,
@@ -39,11 +40,11 @@ from titanax.runtime import MeshSpec, ProcessGroups, initialize, simulate_cpu_de
 __version__ = "0.1.0"
 
 __all__ = [
-    "CollectiveError", "DistributedError", "MeshError", "PlanError", "ShardingError", "TitanaxError",
+    "CheckpointError", "CollectiveError", "DistributedError", "MeshError", "PlanError", "ShardingError", "TitanaxError",
     "TitanaxWarning", "exceptions", "profiling", "rules", "constrain", "sharding_context",
     "DP", "FSDP", "TP", "Plan", "Rules", "ShardedModel", "shard", "tree_layout", "tree_shardings",
     "MeshSpec", "ProcessGroups",
-    "initialize", "simulate_cpu_devices", "runtime", "data", "logging", "optim", "CheckpointHook",
+    "initialize", "simulate_cpu_devices", "runtime", "data", "io", "logging", "optim", "CheckpointHook",
     "Engine", "LossScale", "Precision", "StepFunction", "TrainState", "collectives",
     "create_train_state", "step_fn", "__version__",
 ]

@@ -13,6 +13,7 @@ __all__ = [
     "ShardingError",
     "CollectiveError",
     "DistributedError",
+    "CheckpointError",
     "TitanaxWarning",
 ]
 
@@ -68,6 +69,10 @@ class CollectiveError(TitanaxError):
 
 class DistributedError(TitanaxError):
     """A multi-process setup that is incomplete or inconsistent."""
+
+
+class CheckpointError(TitanaxError):
+    """A checkpoint that is missing, incomplete or corrupt, or does not fit the state to restore."""
 
 
 class TitanaxWarning(UserWarning):

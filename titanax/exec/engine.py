@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+import contextlib
+import signal
+import sys
+import threading
+from typing import Any
 
 import jax
 import numpy as np
@@ -11,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax.data import DevicePrefetcher, to_global
+from titanax.io.checkpoint import CheckpointStrategy
 from titanax.exceptions import PlanError, TitanaxError
 from titanax.exec.precision import Precision
 from titanax.exec.state import TrainState, create_train_state
@@ -19,23 +24,12 @@ from titanax.logging import Logger, MultiLogger, ThroughputMeter, peak_flops_per
 from titanax.parallel.plan import Plan
 from titanax.parallel.shard import ShardedModel, resolve_mesh, resolve_rules, shard
 
-__all__ = ["Engine", "CheckpointHook", "Hook"]
+__all__ = ["Engine", "Hook"]
+
+CheckpointHook = CheckpointStrategy  # the engine-side name of the protocol
 
 Hook = Callable[[int, TrainState, Mapping[str, float]], None]
 """Called at every log interval with the step, the state and the fetched metrics."""
-
-
-class CheckpointHook(Protocol):
-    """What the engine asks of a checkpointer (``tx.io.OrbaxCheckpoint`` implements it)."""
-
-    def restore_latest(self, state: TrainState) -> tuple[TrainState, Any] | None:
-        """The newest saved ``(state, data_state)`` laid out like ``state``, or ``None``."""
-
-    def maybe_save(self, step: int, state: TrainState, *, data_state: Any, force: bool = False) -> None:
-        """Save if ``step`` is due (or ``force``)."""
-
-    def wait(self) -> None:
-        """Block until pending saves are on disk."""
 
 
 class Engine:
@@ -55,7 +49,7 @@ class Engine:
         plan: Plan,
         optimizer: optax.GradientTransformation,
         precision: Precision | None = None,
-        checkpoint: CheckpointHook | None = None,
+        checkpoint: CheckpointStrategy | None = None,
         loggers: Sequence[Logger] = (),
         log_every: int = 10,
         flops_per_example: float | None = None,
@@ -166,6 +160,23 @@ class Engine:
             self.state = state
             return state
         self.logger.start(total_steps=steps, start_step=start)
+        preempted: list[str] = []
+        with contextlib.ExitStack() as stack:
+            if self.checkpoint is not None:
+                stack.enter_context(_catch_preemption(preempted))
+            state = self._loop(step, state, batches, start, steps, eval_step, eval_data, eval_every,
+                               hooks, preempted)
+        self.state = state
+        if preempted:
+            where = getattr(self.checkpoint, "directory", "the checkpoint directory")
+            print(f"titanax: stopped by {preempted[0]} at step {int(jax.device_get(state.step))}; the "
+                  f"checkpoint is in {where}. Run the same command again to resume.", file=sys.stderr)
+            raise SystemExit(0)
+        return state
+
+    def _loop(self, step: StepFunction, state: TrainState, batches: Iterator[Any], start: int,
+              steps: int, eval_step: Any, eval_data: Any, eval_every: int | None,
+              hooks: Sequence[Hook], preempted: list[str]) -> TrainState:
         meter: ThroughputMeter | None = None
         pending: list[dict[str, jax.Array]] = []
         current = start
@@ -179,7 +190,8 @@ class Engine:
                 if current == start + 1:  # start the clock after compilation
                     jax.block_until_ready(metrics)
                     meter.update(current)
-                last = current >= steps
+                last = current >= steps or bool(preempted)
+                logged = None
                 if current % self.log_every == 0 or last:
                     logged = self._fetch(pending)
                     logged.update(meter.update(current))
@@ -192,7 +204,7 @@ class Engine:
                         hook(current, state, logged)
                 if self.checkpoint is not None:
                     self.checkpoint.maybe_save(current, state, data_state=_data_state(batches),
-                                               force=last)
+                                               force=last, metrics=logged)
                 if last:
                     break
             else:
@@ -206,7 +218,6 @@ class Engine:
             if self.checkpoint is not None:
                 self.checkpoint.wait()
             self.logger.close()
-        self.state = state
         return state
 
     def evaluate(self, eval_step: Callable[[TrainState, Any], Mapping[str, Any]], state: TrainState,
@@ -275,6 +286,26 @@ class Engine:
             flops = None if stats.flops is None else stats.flops * self.mesh.size * state.accumulate_steps
         return ThroughputMeter(examples_per_step=examples, flops_per_step=flops,
                                num_devices=self.mesh.size, peak_flops_per_device=peak)
+
+
+@contextlib.contextmanager
+def _catch_preemption(flag: list[str]):
+    """Turn SIGTERM/SIGINT into a request to stop after the current step (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        flag.append(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _is_global(batch: Any) -> bool:
