@@ -17,7 +17,9 @@ import pytest
 
 import titanax as tx
 
-WORKER = pathlib.Path(__file__).with_name("checkpoint_worker.py")
+ROOT = pathlib.Path(__file__).parents[2]
+WORKER = ROOT / "examples" / "checkpoint_reshard" / "train.py"
+SAVE_WORKER = pathlib.Path(__file__).with_name("checkpoint_save_worker.py")
 TOL = 1e-5
 
 
@@ -78,7 +80,7 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(scratch, tmp_path,
 
 def _state_for_restore():
     """A TrainState of the worker's model under DP 8 in this process: the restore target."""
-    sys.path.insert(0, str(WORKER.parents[2]))
+    sys.path.insert(0, str(ROOT))
     from examples.mnist_dp.data import load_dataset
     from examples.mnist_dp.model import CNN
 
@@ -116,7 +118,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
 def test_sigkill_during_an_async_save_keeps_the_previous_step(tmp_path):
     directory = str(tmp_path / "run")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    proc = subprocess.Popen([sys.executable, str(WORKER), "--dir", directory, "--big-save"],
+    proc = subprocess.Popen([sys.executable, str(SAVE_WORKER), "--dir", directory],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     timings = {}
     for line in proc.stdout:
@@ -144,6 +146,9 @@ def test_corrupt_checkpoint_raises_naming_the_step_and_falls_back_when_asked(tmp
     state = _state_for_restore()
     checkpoint = tx.io.OrbaxCheckpoint(directory)
     assert checkpoint.all_steps() == [2, 4]
+    record = checkpoint.record(2)
+    assert record["step"] == 2 and record["mesh"] == {"data": 8} and "DP(axis='data'" in record["plan"]
+    assert record["versions"]["jax"] == jax.__version__
     data_files = [p for p in pathlib.Path(directory, "4", "state").rglob("*")
                   if p.is_file() and p.parent.name == "d"]
     assert data_files, sorted(pathlib.Path(directory, "4").rglob("*"))
@@ -191,3 +196,12 @@ def test_keep_and_keep_best(tmp_path):
         best.save(9, state)
     keep.close()
     best.close()
+
+
+def test_reshard_example_validates_a_resumed_run():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "checkpoint_reshard" / "validate.py"),
+                             "--source", "tp2", "--target", "dp", "--target-devices", "4", "--steps", "6"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "OK: the resumed run matches" in result.stdout

@@ -204,7 +204,8 @@ class Engine:
                         hook(current, state, logged)
                 if self.checkpoint is not None:
                     self.checkpoint.maybe_save(current, state, data_state=_data_state(batches),
-                                               force=last, metrics=logged)
+                                               force=last, metrics=logged,
+                                               meta={"plan": repr(self.plan or self.rules)})
                 if last:
                     break
             else:

@@ -33,7 +33,8 @@ class CheckpointStrategy(Protocol):
         """The newest saved ``(state, data_state)`` laid out like ``state``, or ``None``."""
 
     def maybe_save(self, step: int, state: Any, *, data_state: Any, force: bool = False,
-                   metrics: Mapping[str, float] | None = None) -> bool:
+                   metrics: Mapping[str, float] | None = None,
+                   meta: Mapping[str, Any] | None = None) -> bool:
         """Save if ``step`` is due (or ``force``); return whether a save started."""
 
     def wait(self) -> None:
@@ -129,7 +130,15 @@ class OrbaxCheckpoint:
     def save(self, step: int, state: Any, *, data_state: Any = None,
              metrics: Mapping[str, float] | None = None, meta: Mapping[str, Any] | None = None) -> None:
         """Start saving ``state`` (and the data position) as ``step``; returns before the write ends
-        when ``async_save``."""
+        when ``async_save``.
+
+        Args:
+          step: the step number (the directory name).
+          state: the TrainState.
+          data_state: the data iterator's position (JSON), e.g. ``ArrayLoader.state()``.
+          metrics: logged metrics (needed for ``keep_best``).
+          meta: more JSON for the step's record (the engine adds the plan).
+        """
         ocp = self._ocp
         record = {"step": int(step), "mesh": {k: int(v) for k, v in state.mesh.shape.items()},
                   "rules": repr(state.rules), "versions": _versions(), **(meta or {})}
@@ -149,7 +158,8 @@ class OrbaxCheckpoint:
         )
 
     def maybe_save(self, step: int, state: Any, *, data_state: Any = None, force: bool = False,
-                   metrics: Mapping[str, float] | None = None) -> bool:
+                   metrics: Mapping[str, float] | None = None,
+                   meta: Mapping[str, Any] | None = None) -> bool:
         """Save when ``step`` is a multiple of ``every`` (or ``force``); return whether it did."""
         if not force and step % self.every:
             return False
@@ -157,7 +167,7 @@ class OrbaxCheckpoint:
             return False
         if self.best is not None and (metrics is None or self.best.metric not in metrics):
             return False  # ranked checkpoints need the metric; the next due step that has it saves
-        self.save(step, state, data_state=data_state, metrics=metrics)
+        self.save(step, state, data_state=data_state, metrics=metrics, meta=meta)
         return True
 
     def wait(self) -> None:
@@ -169,6 +179,14 @@ class OrbaxCheckpoint:
         self._manager.close()
 
     # ----------------------------------------------------------------------------- restoring
+    def record(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON record saved with ``step`` (default: the newest): step, mesh, plan, versions."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}", suggestion="train first")
+        ocp = self._ocp
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
     def all_steps(self) -> list[int]:
         """Committed steps on disk, oldest first (in-progress and crashed saves are not listed)."""
         return sorted(self._manager.all_steps())
