@@ -25,17 +25,20 @@ def main() -> None:
     big_save(args.dir)
 
 
+def big_state():
+    """A ~256 MB TrainState (one Dense(8192) layer, SGD) under DP 8."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    mesh = tx.MeshSpec(axes=("data",)).build()
+    sm = tx.shard(nn.Dense(8192), tx.Plan(data_parallel=tx.DP(axis="data")), mesh, example=jnp.ones((8, 8192)))
+    return tx.create_train_state(sm, tx.optim.sgd(0.1))
+
+
 def big_save(directory: str) -> None:
     """Save step 1 of a ~256 MB state and wait; start step 2 asynchronously and report, so the
     test can kill the process while step 2 is being written."""
-    import jax
-    import jax.numpy as jnp
-    import flax.linen as nn
-
-    mesh = tx.MeshSpec(axes=("data",)).build()
-    plan = tx.Plan(data_parallel=tx.DP(axis="data"))
-    sm = tx.shard(nn.Dense(8192), plan, mesh, example=jnp.ones((8, 8192)))
-    state = tx.create_train_state(sm, tx.optim.sgd(0.1))
+    state = big_state()
     checkpoint = tx.io.OrbaxCheckpoint(directory, every=1, keep=5)
     start = time.perf_counter()
     checkpoint.save(1, state)
