@@ -32,12 +32,14 @@ def main() -> None:
     tx.simulate_cpu_devices(args.devices)
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
     import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from examples.mnist_dp.data import load_dataset
     from examples.mnist_dp.model import CNN, cross_entropy
+    from examples.mnist_dp.steps import train_step
 
     x_train, y_train, _, _ = load_dataset(None)
     mesh = tx.MeshSpec(axes=("data",)).build()
@@ -49,14 +51,6 @@ def main() -> None:
     engine = tx.Engine(mesh=mesh, plan=plan, optimizer=optimizer, log_every=10)
     state = engine.init(model, example=x_train[: args.batch_size])
 
-    @tx.step_fn
-    def train_step(state, batch):
-        def loss_fn(params):
-            return cross_entropy(state.apply(params, batch["image"]), batch["label"])
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(grads=grads), {"loss": loss}
-
     loader = tx.data.ArrayLoader({"image": x_train, "label": y_train}, batch_size=args.batch_size, seed=0)
 
     # ---- hand-written baseline: the same shardings, donation and metric fetches
@@ -65,13 +59,14 @@ def main() -> None:
     params = jax.device_put(jax.tree.map(np.asarray, state.params), replicated)
     opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
 
-    def hand_step(params, opt_state, batch):
+    def hand_step(params, opt_state, batch):  # the same work as examples/mnist_dp/steps.py
         def loss_fn(p):
-            return cross_entropy(model.apply({"params": p}, batch["image"]), batch["label"])
+            logits = model.apply({"params": p}, batch["image"])
+            return cross_entropy(logits, batch["label"]), jnp.mean(jnp.argmax(logits, -1) == batch["label"])
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "accuracy": accuracy}
 
     hand_step = jax.jit(hand_step, in_shardings=(replicated, replicated, batch_sharding),
                         out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))

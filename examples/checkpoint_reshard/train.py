@@ -24,7 +24,7 @@ import titanax as tx  # noqa: E402
 
 
 def layout(name: str) -> tuple[tx.MeshSpec, tx.Plan]:
-    import jax
+    import jax  # after tx.simulate_cpu_devices()
 
     dp, tp, fsdp = tx.DP(axis="data"), tx.TP(axis="tensor"), tx.FSDP(axis="fsdp")
     return {
@@ -48,10 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     tx.simulate_cpu_devices(args.devices)
 
-    import jax
-
     from examples.mnist_dp.data import load_dataset
-    from examples.mnist_dp.model import CNN, cross_entropy
+    from examples.mnist_dp.model import CNN
+    from examples.mnist_dp.steps import train_step
 
     x, y, _, _ = load_dataset(None)
     spec, plan = layout(args.layout)
@@ -59,14 +58,6 @@ def main() -> None:
     engine = tx.Engine(mesh=spec.build(), plan=plan, optimizer=tx.optim.sgd(0.05, momentum=0.9),
                        checkpoint=checkpoint, log_every=1)
     state = engine.init(CNN(), example=x[:64])
-
-    @tx.step_fn
-    def train_step(state, batch):
-        def loss_fn(params):
-            return cross_entropy(state.apply(params, batch["image"]), batch["label"])
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(grads=grads), {"loss": loss}
 
     def report(step, state, metrics):
         print(f"LOSS {step} {metrics['loss']!r}", flush=True)

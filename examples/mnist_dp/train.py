@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tx.simulate_cpu_devices(args.devices)
 
     import jax
-    import jax.numpy as jnp
 
     from examples.mnist_dp.data import load_dataset
-    from examples.mnist_dp.model import CNN, cross_entropy
+    from examples.mnist_dp.model import CNN
+    from examples.mnist_dp.steps import eval_step, loss_and_accuracy
+    from examples.mnist_dp.steps import train_step as gspmd_train_step
 
     x_train, y_train, x_test, y_test = load_dataset(args.data_dir)
     spec, plan = plans(args.devices)[args.plan]
@@ -63,11 +64,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"{len(x_train)} training / {len(x_test)} held-out images {x_train.shape[1:]}; "
           f"{spec.describe(mesh).splitlines()[1]}")
 
-    def loss_and_accuracy(params, state, batch):
-        logits = state.apply(params, batch["image"])
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        return cross_entropy(logits, batch["label"]), accuracy
-
     if args.manual:
         @tx.step_fn(manual=True)
         def train_step(state, batch):  # this device's slice of the batch
@@ -77,15 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             metrics = tx.collectives.pmean({"loss": loss, "accuracy": accuracy}, "data")
             return state.apply_gradients(grads=grads), metrics
     else:
-        @tx.step_fn
-        def train_step(state, batch):  # the global batch; XLA inserts the all-reduce
-            (loss, accuracy), grads = jax.value_and_grad(loss_and_accuracy, has_aux=True)(
-                state.params, state, batch)
-            return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": accuracy}
-
-    def eval_step(state, batch):
-        loss, accuracy = loss_and_accuracy(state.params, state, batch)
-        return {"loss": loss, "accuracy": accuracy}
+        train_step = gspmd_train_step  # the global batch; XLA inserts the all-reduce
 
     data = tx.data.ArrayLoader({"image": x_train, "label": y_train}, batch_size=args.batch_size, seed=0)
     usable = len(x_test) - len(x_test) % args.devices  # every eval batch divides over the devices

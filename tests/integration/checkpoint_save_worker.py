@@ -39,6 +39,7 @@ def big_save(directory: str) -> None:
     """Save step 1 of a ~256 MB state and wait; start step 2 asynchronously and report, so the
     test can kill the process while step 2 is being written."""
     state = big_state()
+    state = state.replace(step=state.step + 1)  # checkpoint step 1 holds a state at step 1
     checkpoint = tx.io.OrbaxCheckpoint(directory, every=1, keep=5)
     start = time.perf_counter()
     checkpoint.save(1, state)
