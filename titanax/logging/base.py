@@ -37,6 +37,19 @@ def _check_every(every: Any, owner: str) -> int:
     return int(every)
 
 
+def check_path(value: Any, owner: str, example: str) -> str:
+    """``os.fspath(value)``, or a TitanaxError naming the logger that wanted a path."""
+    import os
+
+    try:
+        return os.fspath(value)
+    except TypeError:
+        raise TitanaxError(
+            f"{owner} needs a path, got {type(value).__name__} {value!r}",
+            suggestion=f"pass a str or pathlib.Path, e.g. {example}",
+        ) from None
+
+
 def _check_step(step: Any, what: str) -> int:
     # numpy / jax integer scalars are accepted through __index__; floats and bools are not, because a
     # float step (e.g. 1.5) is always a caller bug.

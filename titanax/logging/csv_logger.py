@@ -11,7 +11,7 @@ import tempfile
 from typing import IO
 
 from titanax.exceptions import TitanaxError
-from titanax.logging.base import Logger
+from titanax.logging.base import Logger, check_path
 
 __all__ = ["CSV"]
 
@@ -49,13 +49,7 @@ class CSV(Logger):
 
     def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
         super().__init__(every=every)
-        try:
-            self.path = os.fspath(path)
-        except TypeError:
-            raise TitanaxError(
-                f"CSV(path=...) needs a file path, got {type(path).__name__} {path!r}",
-                suggestion='pass a str or pathlib.Path, e.g. CSV("runs/x/metrics.csv")',
-            ) from None
+        self.path = check_path(path, "CSV(path=...)", 'CSV("runs/x/metrics.csv")')
         self._file: IO[str] | None = None
         self._writer: csv.DictWriter | None = None
         self._columns: list[str] = []

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from titanax.exceptions import TitanaxError
-from titanax.logging.base import Logger
+from titanax.logging.base import Logger, check_path
 
 __all__ = ["TensorBoard"]
 
@@ -67,13 +67,7 @@ class TensorBoard(Logger):
         super().__init__(every=every)
         # Checked at construction on every process, so a missing extra fails before training.
         self._record_writer, self._event_pb2, self._summary_pb2 = _import_tensorboardx()
-        try:
-            self.logdir = os.fspath(logdir)
-        except TypeError:
-            raise TitanaxError(
-                f"TensorBoard(logdir=...) needs a directory path, got {type(logdir).__name__}",
-                suggestion='pass a str or pathlib.Path, e.g. TensorBoard("runs/x/tb")',
-            ) from None
+        self.logdir = check_path(logdir, "TensorBoard(logdir=...)", 'TensorBoard("runs/x/tb")')
         if isinstance(flush_secs, bool) or not isinstance(flush_secs, (int, float)) or flush_secs < 0:
             raise TitanaxError(
                 f"TensorBoard(flush_secs={flush_secs!r}) must be a number >= 0",
