@@ -7,7 +7,7 @@ Example:
   >>> print(sm.describe())
 """
 
-from titanax import data, exceptions, io, logging, optim, profiling
+from titanax import data, exceptions, io, logging, nn, optim, profiling
 from titanax.exceptions import (
     CheckpointError,
     CollectiveError,
@@ -43,7 +43,7 @@ __all__ = [
     "CheckpointError", "CollectiveError", "DistributedError", "MeshError", "PlanError", "ShardingError", "TitanaxError",
     "TitanaxWarning", "exceptions", "profiling", "rules", "constrain", "sharding_context",
     "DP", "FSDP", "TP", "Plan", "Rules", "ShardedModel", "shard", "tree_layout", "tree_shardings",
-    "MeshSpec", "ProcessGroups",
+    "MeshSpec", "ProcessGroups", "nn",
     "initialize", "simulate_cpu_devices", "runtime", "data", "io", "logging", "optim", "CheckpointHook",
     "Engine", "LossScale", "Precision", "StepFunction", "TrainState", "collectives",
     "create_train_state", "step_fn", "__version__",

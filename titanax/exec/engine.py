@@ -53,6 +53,7 @@ class Engine:
         loggers: Sequence[Logger] = (),
         log_every: int = 10,
         flops_per_example: float | None = None,
+        tokens_per_example: int | None = None,
         peak_flops: float | None = None,
         prefetch: int = 2,
     ) -> None:
@@ -67,6 +68,7 @@ class Engine:
           log_every: steps between metric fetches (the only host-device sync of the loop).
           flops_per_example: model FLOPs per example for MFU; ``None`` reads the compiled step's
             cost analysis (per device, scaled by the microbatch count).
+          tokens_per_example: tokens in one example (a sequence model's length), to log tokens/s.
           peak_flops: peak FLOP/s of one device for MFU; ``None`` looks the device kind up.
           prefetch: batches kept in flight to the devices.
         """
@@ -81,6 +83,7 @@ class Engine:
                             suggestion="use log_every=10")
         self.log_every = log_every
         self.flops_per_example = flops_per_example
+        self.tokens_per_example = tokens_per_example
         self.peak_flops = peak_flops
         self.prefetch = prefetch
         self.state: TrainState | None = None
@@ -125,6 +128,7 @@ class Engine:
         eval_step: Callable[[TrainState, Any], Mapping[str, Any]] | None = None,
         eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
         eval_every: int | None = None,
+        eval_summary: Callable[[Mapping[str, float]], Mapping[str, float]] | None = None,
         hooks: Sequence[Hook] = (),
     ) -> TrainState:
         """Train until ``state.step == steps``.
@@ -138,6 +142,9 @@ class Engine:
           eval_step: ``(state, batch) -> metrics`` for held-out data.
           eval_data: batches for evaluation (re-iterable, or a function returning an iterable).
           eval_every: steps between evaluations (and always at the end) when ``eval_step`` is set.
+          eval_summary: adds metrics computed from the averaged evaluation metrics, e.g.
+            ``lambda m: {"perplexity": math.exp(m["loss"])}`` (a mean of per-batch perplexities
+            would be wrong); see :meth:`evaluate`.
           hooks: called at each log interval with ``(step, state, metrics)``.
 
         Returns:
@@ -165,7 +172,7 @@ class Engine:
             if self.checkpoint is not None:
                 stack.enter_context(_catch_preemption(preempted))
             state = self._loop(step, state, batches, start, steps, eval_step, eval_data, eval_every,
-                               hooks, preempted)
+                               eval_summary, hooks, preempted)
         self.state = state
         if preempted:
             where = getattr(self.checkpoint, "directory", "the checkpoint directory")
@@ -176,7 +183,7 @@ class Engine:
 
     def _loop(self, step: StepFunction, state: TrainState, batches: Iterator[Any], start: int,
               steps: int, eval_step: Any, eval_data: Any, eval_every: int | None,
-              hooks: Sequence[Hook], preempted: list[str]) -> TrainState:
+              eval_summary: Any, hooks: Sequence[Hook], preempted: list[str]) -> TrainState:
         meter: ThroughputMeter | None = None
         pending: list[dict[str, jax.Array]] = []
         current = start
@@ -198,7 +205,9 @@ class Engine:
                     pending = []
                     if eval_step is not None and eval_data is not None and (
                         last or (eval_every and current % eval_every == 0)):
-                        logged.update(self.evaluate(eval_step, state, eval_data))
+                        logged.update(self.evaluate(eval_step, state, eval_data, summary=eval_summary))
+                        meter.reset()  # evaluation time is not training throughput
+                        meter.update(current)
                     self.logger.log(current, logged)
                     for hook in hooks:
                         hook(current, state, logged)
@@ -222,8 +231,21 @@ class Engine:
         return state
 
     def evaluate(self, eval_step: Callable[[TrainState, Any], Mapping[str, Any]], state: TrainState,
-                 data: Iterable[Any] | Callable[[], Iterable[Any]]) -> dict[str, float]:
-        """Mean of ``eval_step`` metrics over ``data``, weighted by batch size, prefixed ``eval/``."""
+                 data: Iterable[Any] | Callable[[], Iterable[Any]], *,
+                 summary: Callable[[Mapping[str, float]], Mapping[str, float]] | None = None
+                 ) -> dict[str, float]:
+        """Evaluate ``state`` on held-out data.
+
+        Args:
+          eval_step: ``(state, batch) -> metrics`` (jitted here, once per step function).
+          state: the state to evaluate.
+          data: batches (re-iterable, or a function returning an iterable).
+          summary: maps the averaged metrics to extra ones (``perplexity = exp(loss)``).
+
+        Returns:
+          The mean of each metric over ``data`` weighted by batch size, plus ``summary``'s, each
+          prefixed ``eval/``.
+        """
         jitted = self._eval_jit(eval_step, state)
         totals: dict[str, float] = {}
         count = 0
@@ -237,7 +259,10 @@ class Engine:
         if count == 0:
             raise TitanaxError("evaluation data yielded no batch",
                                suggestion="pass a re-iterable (a list, or a function returning a loader)")
-        return {f"eval/{k}": v / count for k, v in totals.items()}
+        means = {k: v / count for k, v in totals.items()}
+        if summary is not None:
+            means.update(summary(dict(means)))
+        return {f"eval/{k}": float(v) for k, v in means.items()}
 
     # --------------------------------------------------------------------------------- helpers
     def _eval_jit(self, eval_step: Callable[..., Any], state: TrainState) -> Callable[..., Any]:
@@ -285,7 +310,8 @@ class Engine:
             # XLA reports per-device FLOPs and counts a scanned microbatch loop's body once.
             stats = inspect(step.lower(state, batch).compile())
             flops = None if stats.flops is None else stats.flops * self.mesh.size * state.accumulate_steps
-        return ThroughputMeter(examples_per_step=examples, flops_per_step=flops,
+        tokens = None if self.tokens_per_example is None else self.tokens_per_example * examples
+        return ThroughputMeter(examples_per_step=examples, tokens_per_step=tokens, flops_per_step=flops,
                                num_devices=self.mesh.size, peak_flops_per_device=peak)
 
 

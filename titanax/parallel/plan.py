@@ -70,8 +70,18 @@ class TP:
     rules: Rules | None = None
     """Rules mapping logical names to ``axis``; ``None`` uses :func:`titanax.rules.tensor_parallel`."""
 
+    sequence_parallel: bool = False
+    """Also split activations named ``seq`` over ``axis`` (Megatron sequence parallelism): the
+    residual stream's layer norms and adds run on a slice of the sequence, and each block's
+    all-reduce becomes a reduce-scatter plus an all-gather."""
+
     def __post_init__(self) -> None:
         _check_axis("TP", self.axis)
+        if self.sequence_parallel and self.rules is not None:
+            raise PlanError(
+                "TP(sequence_parallel=True) builds its own rules; it cannot be combined with TP(rules=...)",
+                suggestion="add ('seq', axis) to your own rules instead, or drop rules= to use the preset",
+            )
         if self.rules is not None and not isinstance(self.rules, Rules):
             raise PlanError(
                 f"TP(rules=...) got {type(self.rules).__name__}, not tx.Rules",
@@ -80,7 +90,9 @@ class TP:
 
     def resolved_rules(self) -> Rules:
         """The rules this part contributes to the plan."""
-        return self.rules if self.rules is not None else presets.tensor_parallel(self.axis)
+        if self.rules is not None:
+            return self.rules
+        return presets.tensor_parallel(self.axis, sequence_parallel=self.sequence_parallel)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -216,6 +228,8 @@ class Plan:
             extra = ""
             if isinstance(part, DP) and part.accumulate_steps > 1:
                 extra = f", accumulate_steps={part.accumulate_steps}"
+            if isinstance(part, TP) and part.sequence_parallel:
+                extra = ", sequence parallel"
             lines.append(f"  {name:<5} over {part.axis!r}{size}{extra}")
         lines.append(f"  batch split over {self.batch_axes or 'nothing (replicated)'}")
         rules = self.resolved_rules()

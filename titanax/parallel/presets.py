@@ -57,16 +57,23 @@ def fsdp(axis: str = "fsdp", *, shard_unnamed: bool = True) -> Rules:
     )
 
 
-def tensor_parallel(axis: str = "tensor") -> Rules:
+def tensor_parallel(axis: str = "tensor", *, sequence_parallel: bool = False) -> Rules:
     """Megatron-style tensor parallelism over ``axis``.
 
     The MLP's hidden width, the attention heads and the vocabulary are split: the first matmul of
     a block is column-parallel, the second row-parallel, so each block needs one all-reduce
     forward. The batch is replicated over ``axis`` (combine with data parallelism to split it).
 
+    With ``sequence_parallel``, activations the model names ``seq`` (the residual stream between
+    attention and MLP: layer norms, residual adds) are also split over ``axis`` along the sequence,
+    so each all-reduce becomes a reduce-scatter into the sequence shards and an all-gather before
+    the next column-parallel matmul, and those activations take ``1/axis`` of the memory. The
+    model leaves the sequence dimension unnamed (``None``) inside attention and the MLP, where the
+    heads or hidden width take ``axis``.
+
     Example:
       >>> tensor_parallel("tensor").spec(("mlp", "embed"), (256, 64), {"tensor": 4})
       PartitionSpec('tensor', None)
     """
-    names = ("mlp", "heads", "vocab")
+    names = ("mlp", "heads", "vocab") + (("seq",) if sequence_parallel else ())
     return Rules([(n, axis) for n in names], replicated=_replicated_except(*names))

@@ -1,0 +1,1 @@
+"""GPT-small language model trained with tensor parallelism."""

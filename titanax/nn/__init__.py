@@ -1,0 +1,10 @@
+"""Model-building blocks that stay parallelism-free but let a plan restructure them.
+
+``LayerStack`` holds a repeated block as one module with a leading ``layers`` axis: it runs by
+``jax.lax.scan`` (compile time flat in depth), and a pipeline plan can split the same stack into
+stages without the model changing.
+"""
+
+from titanax.nn.stack import LayerStack
+
+__all__ = ["LayerStack"]
