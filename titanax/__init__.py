@@ -28,10 +28,11 @@ from titanax.exec import (
     collectives,
     create_train_state,
     step_fn,
+    value_and_grad,
 )
 from titanax.parallel import presets as rules
 from titanax.parallel.context import constrain, sharding_context
-from titanax.parallel.plan import DP, FSDP, TP, Plan
+from titanax.parallel.plan import DP, FSDP, PP, TP, Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel, shard, tree_layout, tree_shardings
 from titanax import runtime
@@ -42,9 +43,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "CollectiveError", "DistributedError", "MeshError", "PlanError", "ShardingError", "TitanaxError",
     "TitanaxWarning", "exceptions", "profiling", "rules", "constrain", "sharding_context",
-    "DP", "FSDP", "TP", "Plan", "Rules", "ShardedModel", "shard", "tree_layout", "tree_shardings",
+    "DP", "FSDP", "PP", "TP", "Plan", "Rules", "ShardedModel", "shard", "tree_layout", "tree_shardings",
     "MeshSpec", "ProcessGroups", "nn",
     "initialize", "simulate_cpu_devices", "runtime", "data", "io", "logging", "optim", "CheckpointHook",
     "Engine", "LossScale", "Precision", "StepFunction", "TrainState", "collectives",
-    "create_train_state", "step_fn", "__version__",
+    "create_train_state", "step_fn", "value_and_grad", "__version__",
 ]

@@ -15,7 +15,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 import titanax as tx
@@ -195,5 +194,11 @@ class GPT(nnx.Module):
 
 
 def next_token_loss(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Mean cross-entropy of predicting each target token, in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT).mean()
+    """Mean cross-entropy of predicting each target token, in float32.
+
+    Written with a one-hot mask rather than a gather of the target logits: with the vocabulary
+    split over the tensor axis, a gather inside a pipeline stage (where the 1f1b schedule computes
+    the loss) trips XLA's SPMD partitioner (jax 0.10); the mask is the same math, elementwise.
+    """
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32))
+    return -jnp.mean(jnp.sum(logp_BTV * jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32), -1))

@@ -2,9 +2,10 @@
 
 from titanax.exec import collectives
 from titanax.exec.engine import CheckpointHook, Engine
+from titanax.exec.grad import value_and_grad
 from titanax.exec.precision import LossScale, Precision
 from titanax.exec.state import TrainState, create_train_state
 from titanax.exec.step import StepFunction, step_fn
 
 __all__ = ["collectives", "CheckpointHook", "Engine", "LossScale", "Precision", "TrainState",
-           "create_train_state", "StepFunction", "step_fn"]
+           "create_train_state", "StepFunction", "step_fn", "value_and_grad"]

@@ -8,7 +8,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from titanax.exceptions import TitanaxError
+from titanax.exceptions import PlanError, TitanaxError
+from titanax.parallel.pipeline import ActivePipeline, current_pipeline, pipeline_forward
+from titanax.parallel.pipeline_explicit import StackCaptured, current_stack_mode
 
 __all__ = ["LayerStack"]
 
@@ -52,6 +54,15 @@ class LayerStack(nnx.Module):
         self.layer = create(rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        mode = current_stack_mode()
+        if mode is not None and mode.kind == "inject":
+            return mode.output  # the rest of the model, run on a pipeline's output
+        active = current_pipeline()
+        if mode is not None and mode.kind == "capture":
+            params, stage = self._stage()
+            raise StackCaptured(x, params, stage, self.num_layers, active)
+        if active is not None:
+            return self._pipelined(x, active)
         graphdef, state = nnx.split(self.layer)
 
         def layer(carry: jax.Array, layer_state: Any) -> tuple[jax.Array, Any]:
@@ -62,3 +73,32 @@ class LayerStack(nnx.Module):
             y, new_state = jax.lax.scan(layer, x, state, unroll=self.unroll)
         nnx.update(self.layer, new_state)
         return y
+
+    def _stage(self) -> tuple[Any, Callable[[Any, jax.Array], jax.Array]]:
+        """The stack's parameters and ``(chunk, x) -> y`` running a chunk of its layers in order."""
+        graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            names = sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=lambda v: isinstance(v, nnx.Variable))})
+            raise PlanError(
+                f"a pipelined LayerStack must hold parameters only; its block also has {', '.join(names)} state",
+                suggestion="drop dropout/batch statistics from the repeated block, or train without PP",
+            )
+
+        def layer(carry: jax.Array, layer_params: Any) -> tuple[jax.Array, None]:
+            return nnx.merge(graphdef, layer_params, rest)(carry), None
+
+        def stage(chunk: Any, h: jax.Array) -> jax.Array:
+            return jax.lax.scan(layer, h, chunk, unroll=self.unroll)[0]
+
+        return params, stage
+
+    def _pipelined(self, x: jax.Array, active: ActivePipeline) -> jax.Array:
+        """Run the stack as the plan's pipeline (the layers are the same; only where they run changes).
+
+        Explicit schedules (1f1b, interleaved) need the loss inside the pipeline
+        (``tx.value_and_grad``); called plainly, as for evaluation or under ``jax.grad``, the
+        same layers run by the forward loop of gpipe/circular, with the same results.
+        """
+        params, stage = self._stage()
+        with jax.named_scope(f"{type(self.layer).__name__}_pipeline"):
+            return pipeline_forward(stage, params, x, self.num_layers, active)

@@ -102,15 +102,26 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
       >>> h_BTF = tx.constrain(h_BTF, ("batch", "seq", "mlp"))  # doctest: +SKIP
     """
     rules = current_rules()
-    if rules is None or jax.sharding.get_abstract_mesh().manual_axes:
-        # Inside jax.shard_map (manual mode) each device holds a block: there is no layout to hint.
+    if rules is None:
         return x
+    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
     mesh = current_mesh()
     if mesh is None:
         raise ShardingError(
             f"tx.constrain(..., {tuple(names)}) ran with rules active but no mesh",
             suggestion="enter `with jax.set_mesh(mesh):` or use tx.sharding_context(rules, mesh)",
         )
+    if manual:
+        # Inside jax.shard_map each device holds a block along the manual axes: only the axes
+        # still under GSPMD (e.g. the tensor axis inside a pipeline stage) can be hinted, and the
+        # manual ones count as size 1 (the block is whole along them).
+        if manual >= set(mesh.axis_names):
+            return x
+        auto_shape = {a: (1 if a in manual else n) for a, n in dict(mesh.shape).items()}
+        spec = rules.spec(names, x.shape, auto_shape, what=f"activation {tuple(names)}")
+        if all(entry is None for entry in spec):
+            return x
+        return jax.lax.with_sharding_constraint(x, spec)
     spec = rules.spec(names, x.shape, dict(mesh.shape), what=f"activation {tuple(names)}")
     return jax.lax.with_sharding_constraint(x, _sharding(mesh, spec))
 

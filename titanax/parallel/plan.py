@@ -15,8 +15,9 @@ from jax.sharding import Mesh
 from titanax.exceptions import PlanError
 from titanax.parallel import presets
 from titanax.parallel.rules import Rules
+from titanax.parallel.schedules import SCHEDULES, Schedule, build_schedule
 
-__all__ = ["DP", "FSDP", "TP", "Plan"]
+__all__ = ["DP", "FSDP", "PP", "TP", "Plan"]
 
 
 def _check_axis(part: str, axis: object) -> None:
@@ -95,6 +96,91 @@ class TP:
         return presets.tensor_parallel(self.axis, sequence_parallel=self.sequence_parallel)
 
 
+REMAT_NAMES = ("none", "full", "save_dots", "save_dots_no_batch")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class PP:
+    """Pipeline parallelism: the model's ``tx.nn.LayerStack`` split into stages over ``axis``.
+
+    The stack's ``L`` layers form ``stages * repeats`` equal chunks; stage ``s`` runs chunks
+    ``s, s + stages, ...`` (one per repeat). The batch is cut into ``microbatches`` that flow
+    through the stages; the embedding and head run outside the stages.
+    """
+
+    axis: str = "pipe"
+    """Mesh axis the stages are split over (its size must equal ``stages``)."""
+
+    stages: int
+    """Pipeline stages ``p``."""
+
+    microbatches: int
+    """Microbatches ``m`` per step (at least ``stages``; the global batch must divide by it)."""
+
+    repeats: int = 1
+    """Virtual stages per device ``v`` (``circular`` and ``interleaved``): smaller bubbles, more
+    stage-to-stage transfers."""
+
+    schedule: str = "gpipe"
+    """``gpipe``, ``circular``, ``1f1b`` or ``interleaved`` (see ``titanax.parallel.schedules``)."""
+
+    remat: str = "none"
+    """Recompute inside each stage in the backward pass: ``none``, ``full``, ``save_dots``,
+    ``save_dots_no_batch``."""
+
+    nan_bubbles: bool = False
+    """Debug check: feed NaN into every idle (bubble) slot; results must not change."""
+
+    def __post_init__(self) -> None:
+        _check_axis("PP", self.axis)
+        if self.schedule not in SCHEDULES:
+            raise PlanError(f"PP(schedule={self.schedule!r}) is not a schedule",
+                            suggestion=f"use one of {', '.join(SCHEDULES)}")
+        if self.remat not in REMAT_NAMES:
+            raise PlanError(f"PP(remat={self.remat!r}) is not a remat policy",
+                            suggestion=f"use one of {', '.join(REMAT_NAMES)}")
+        self.schedule_table()  # validates stages, microbatches and repeats
+
+    def schedule_table(self) -> Schedule:
+        """The schedule as a validated table (tick x stage)."""
+        return _schedule(self.schedule, self.stages, self.microbatches, self.repeats)
+
+    def resolved_rules(self) -> Rules:
+        """The stacked ``layers`` axis over the pipeline axis."""
+        return presets.pipeline_parallel(self.axis)
+
+    def describe(self, activation_bytes: int | None = None) -> list[str]:
+        """Lines for :meth:`Plan.describe`: schedule, bubble, stash and transfers per step."""
+        table = self.schedule_table()
+        p, m, v = self.stages, self.microbatches, self.repeats
+        lines = [f"  schedule {self.schedule}: {p} stages x {m} microbatches x {v} repeat(s), "
+                 f"{table.ticks} ticks, remat {self.remat}",
+                 f"  bubble fraction {table.bubble_fraction:.1%}"
+                 + (f" = (p-1)/(v*m+p-1) = {(p - 1) / (v * m + p - 1):.1%}" if table.autodiff else
+                    f" (one forward and one backward slot per tick)"),
+                 f"  peak stashed microbatches per stage {table.peak_stash}"
+                 + (" (autodiff keeps every tick's activations)" if table.autodiff else "")]
+        sends = table.forward_ticks if table.autodiff else table.ticks
+        per_step = 2 * sends  # activations forward, cotangents backward
+        moved = f"{per_step} microbatch activations per device per step"
+        if activation_bytes is not None:
+            from titanax.profiling.units import human_bytes
+
+            moved += f" ({human_bytes(per_step * activation_bytes)})"
+        lines.append(f"  between stages: {moved}")
+        return lines
+
+
+_SCHEDULE_CACHE: dict[tuple[str, int, int, int], Schedule] = {}
+
+
+def _schedule(name: str, stages: int, microbatches: int, repeats: int) -> Schedule:
+    key = (name, stages, microbatches, repeats)
+    if key not in _SCHEDULE_CACHE:
+        _SCHEDULE_CACHE[key] = build_schedule(name, stages, microbatches, repeats)
+    return _SCHEDULE_CACHE[key]
+
+
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class Plan:
     """A combination of parallelism strategies, each over its own mesh axis.
@@ -113,6 +199,9 @@ class Plan:
 
     tensor_parallel: TP | None = None
     """Matmuls split over ``TP.axis``."""
+
+    pipeline_parallel: PP | None = None
+    """The layer stack split into stages over ``PP.axis``."""
 
     rules: Rules | None = None
     """Extra rules that take precedence over the parts' own: path rules for an unannotated model,
@@ -143,9 +232,10 @@ class Plan:
             raise PlanError(
                 "the plan has no parallelism",
                 suggestion="give at least one of data_parallel=tx.DP(), fsdp=tx.FSDP(), "
-                "tensor_parallel=tx.TP()",
+                "tensor_parallel=tx.TP(), pipeline_parallel=tx.PP(...)",
             )
-        for field, kind in (("data_parallel", DP), ("fsdp", FSDP), ("tensor_parallel", TP)):
+        for field, kind in (("data_parallel", DP), ("fsdp", FSDP), ("tensor_parallel", TP),
+                            ("pipeline_parallel", PP)):
             value = getattr(self, field)
             if value is not None and not isinstance(value, kind):
                 raise PlanError(
@@ -162,13 +252,14 @@ class Plan:
                 )
             seen[part.axis] = name
 
-    def _parts(self) -> dict[str, DP | FSDP | TP]:
-        named = {"DP": self.data_parallel, "FSDP": self.fsdp, "TP": self.tensor_parallel}
+    def _parts(self) -> dict[str, DP | FSDP | TP | PP]:
+        named = {"DP": self.data_parallel, "FSDP": self.fsdp, "TP": self.tensor_parallel,
+                 "PP": self.pipeline_parallel}
         return {name: part for name, part in named.items() if part is not None}
 
     @property
     def axes(self) -> tuple[str, ...]:
-        """The mesh axes the plan uses, in the order DP, FSDP, TP."""
+        """The mesh axes the plan uses, in the order DP, FSDP, TP, PP."""
         return tuple(part.axis for part in self._parts().values())
 
     @property
@@ -179,6 +270,8 @@ class Plan:
     def resolved_rules(self) -> Rules:
         """The composed rules: batch over the data axes, the plan's own ``rules``, then TP, FSDP."""
         composed = Rules([("batch", self.batch_axes)]) if self.batch_axes else Rules()
+        if self.pipeline_parallel is not None:
+            composed = composed + self.pipeline_parallel.resolved_rules()
         if self.rules is not None:
             composed = composed + self.rules
         if self.tensor_parallel is not None:
@@ -187,7 +280,7 @@ class Plan:
             composed = composed + presets.fsdp(self.fsdp.axis, shard_unnamed=self.fsdp.shard_unnamed)
         if self.data_parallel is not None:
             composed = composed + presets.data_parallel(self.data_parallel.axis)
-        if self.fsdp is not None or self.tensor_parallel is not None:
+        if self.fsdp is not None or self.tensor_parallel is not None or self.pipeline_parallel is not None:
             composed = composed.replace(max_replicated_bytes=self.max_replicated_bytes)
         return composed.replace(strict=self.strict) if self.strict else composed
 
@@ -209,6 +302,13 @@ class Plan:
                     suggestion=f"use one of {list(shape)} or build the mesh with an axis "
                     f"{part.axis!r}",
                 )
+        pp = self.pipeline_parallel
+        if pp is not None and shape[pp.axis] != pp.stages:
+            raise PlanError(
+                f"PP(stages={pp.stages}) but mesh axis {pp.axis!r} has {shape[pp.axis]} devices",
+                suggestion=f"make the {pp.axis!r} axis {pp.stages} devices in the MeshSpec, or set "
+                f"PP(stages={shape[pp.axis]})",
+            )
         for axis, size in shape.items():
             if size > 1 and axis not in self.axes:
                 raise PlanError(
@@ -232,6 +332,8 @@ class Plan:
                 extra = ", sequence parallel"
             lines.append(f"  {name:<5} over {part.axis!r}{size}{extra}")
         lines.append(f"  batch split over {self.batch_axes or 'nothing (replicated)'}")
+        if self.pipeline_parallel is not None:
+            lines.extend(self.pipeline_parallel.describe())
         rules = self.resolved_rules()
         lines.append("  rules: " + ", ".join(f"{n}->{t}" for n, t in rules.rules))
         if rules.unnamed is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from titanax.parallel.rules import Rules
 
-__all__ = ["LOGICAL_NAMES", "data_parallel", "fsdp", "tensor_parallel"]
+__all__ = ["LOGICAL_NAMES", "data_parallel", "fsdp", "pipeline_parallel", "tensor_parallel"]
 
 LOGICAL_NAMES: tuple[str, ...] = ("batch", "seq", "embed", "mlp", "heads", "kv", "vocab", "layers")
 
@@ -77,3 +77,13 @@ def tensor_parallel(axis: str = "tensor", *, sequence_parallel: bool = False) ->
     """
     names = ("mlp", "heads", "vocab") + (("seq",) if sequence_parallel else ())
     return Rules([(n, axis) for n in names], replicated=_replicated_except(*names))
+
+
+def pipeline_parallel(axis: str = "pipe") -> Rules:
+    """Pipeline parallelism: the stacked ``layers`` axis of a ``tx.nn.LayerStack`` split over ``axis``.
+
+    Example:
+      >>> pipeline_parallel("pipe").spec(("layers", "embed", "mlp"), (8, 64, 256), {"pipe": 4})
+      PartitionSpec('pipe', None, None)
+    """
+    return Rules([("layers", axis)], replicated=_replicated_except("layers"))

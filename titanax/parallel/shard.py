@@ -67,7 +67,7 @@ def resolve_rules(plan_or_rules: PlanOrRules, mesh: Mesh) -> tuple[Plan | None, 
 
 
 @contextlib.contextmanager
-def tracing_context(rules: Rules, mesh: Mesh) -> Iterator[None]:
+def tracing_context(rules: Rules, mesh: Mesh, pipeline: Any = None) -> Iterator[None]:
     """What model code sees while Titanax traces it on ``mesh``.
 
     ``tx.constrain`` resolves against ``rules`` and ``mesh``. NNX's eager sharding is off because
@@ -75,7 +75,9 @@ def tracing_context(rules: Rules, mesh: Mesh) -> Iterator[None]:
     deliberately not entered: with both active, Linen's boxed initializers constrain parameters
     mid-construction (``DenseGeneral`` under ``nn.scan`` then fails on its flattened kernel).
     """
-    with sharding_context(rules, mesh), nnx.use_eager_sharding(False):
+    from titanax.parallel.pipeline import pipeline_context
+
+    with sharding_context(rules, mesh), nnx.use_eager_sharding(False), pipeline_context(pipeline, mesh):
         yield
 
 
@@ -180,7 +182,8 @@ class ShardedModel(abc.ABC):
 
     def tracing(self) -> contextlib.AbstractContextManager[None]:
         """The context to trace model code in (rules, mesh, Flax logical rules)."""
-        return tracing_context(self.rules, self.mesh)
+        pipeline = self.plan.pipeline_parallel if self.plan is not None else None
+        return tracing_context(self.rules, self.mesh, pipeline)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Jitted forward. Positional arrays are split on ``batch`` along their first dimension;
