@@ -18,7 +18,7 @@ import yaml
 
 import titanax as tx
 
-PLAN_PARTS = {"data_parallel": tx.DP, "fsdp": tx.FSDP, "tensor_parallel": tx.TP}
+PLAN_PARTS = {"data_parallel": tx.DP, "fsdp": tx.FSDP, "tensor_parallel": tx.TP, "pipeline_parallel": tx.PP}
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -63,7 +63,8 @@ class RunConfig:
     mesh: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"axes": ["data"]})
     """``tx.MeshSpec`` arguments: ``axes`` and optional ``shape``."""
     plan: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"data_parallel": {"axis": "data"}})
-    """Plan parts (``data_parallel``, ``fsdp``, ``tensor_parallel``), each with its arguments."""
+    """Plan parts (``data_parallel``, ``fsdp``, ``tensor_parallel``, ``pipeline_parallel``), each with its
+    arguments."""
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     steps: int = 300

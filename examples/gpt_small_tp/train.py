@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     @tx.step_fn
     def train_step(state: tx.TrainState, batch: dict):
-        loss, grads = jax.value_and_grad(loss_of)(state.params, state, batch)
+        # tx.value_and_grad is jax.value_and_grad, except under a 1f1b/interleaved pipeline, where
+        # it runs forward and backward together with the loss on the last stage.
+        loss, grads = tx.value_and_grad(loss_of)(state.params, state, batch)
         return state.apply_gradients(grads=grads), {"loss": loss}
 
     def eval_step(state: tx.TrainState, batch: dict) -> dict:
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     state = engine.init(lambda rngs: GPT(cfg, rngs=rngs), rng=run.seed)
     print(corpus.describe())
     print(f"GPT {cfg.num_layers} layers x {cfg.embed_dim} wide, {cfg.param_count() / 1e6:.2f}M parameters, "
-          f"{cfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token; {plan.describe(mesh).splitlines()[1:]}")
+          f"{cfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token")
+    print(plan.describe(mesh))
     evaluation = heldout_batches(corpus, seq_len, run.data.batch_size, max_batches=run.data.eval_batches)
 
     def perplexity(metrics: dict[str, float]) -> dict[str, float]:

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
-from titanax.exceptions import ShardingError
+from titanax.exceptions import PlanError, ShardingError
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel, tracing_context
@@ -97,6 +97,12 @@ def shard_linen(
     params: Any,
     example_kwargs: dict[str, Any],
 ) -> LinenShardedModel:
+    if plan is not None and plan.pipeline_parallel is not None:
+        raise PlanError(
+            "pipeline parallelism runs the model's tx.nn.LayerStack as stages; this Linen model has none",
+            suggestion="write the repeated block as an NNX module stacked with tx.nn.LayerStack, or drop "
+            "pipeline_parallel from the plan",
+        )
     if example is None and params is None:
         raise ShardingError(
             f"cannot lay out {type(module).__name__}: a Linen module has no parameters until it "

@@ -92,6 +92,10 @@ def shard_nnx(model: Any, plan: Plan | None, rules: Rules, mesh: Mesh, *, rng: A
     built = isinstance(model, nnx.Module)
     with tracing_context(rules, mesh):
         abstract = model if built else nnx.eval_shape(lambda: _call_factory(model, rng))
+    if plan is not None and plan.pipeline_parallel is not None:
+        from titanax.parallel.pipeline import check_pipelined_model
+
+        check_pipelined_model(abstract, plan.pipeline_parallel)
     graphdef, state = nnx.split(abstract)
     if built and any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
         raise ShardingError(

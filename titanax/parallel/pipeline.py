@@ -73,6 +73,33 @@ def current_pipeline() -> ActivePipeline | None:
     return _ACTIVE.stack[-1] if _ACTIVE.stack else None
 
 
+def check_pipelined_model(module: Any, pp: Any) -> None:
+    """A model under ``PP`` holds exactly one ``tx.nn.LayerStack``, whose layers split into
+    ``stages * repeats`` chunks.
+
+    Raises:
+      PlanError: naming what is missing or what does not divide.
+    """
+    from flax import nnx
+
+    from titanax.nn.stack import LayerStack
+
+    stacks = [node for _, node in nnx.iter_graph(module) if isinstance(node, LayerStack)]
+    if len(stacks) != 1:
+        raise PlanError(
+            f"pipeline parallelism needs exactly one tx.nn.LayerStack in the model; found {len(stacks)}",
+            suggestion="hold the repeated block in one tx.nn.LayerStack(make_block, num_layers, rngs=rngs), "
+            "or drop pipeline_parallel from the plan",
+        )
+    chunks = pp.stages * pp.repeats
+    if stacks[0].num_layers % chunks:
+        raise PlanError(
+            f"the layer stack has {stacks[0].num_layers} layers, which do not split into {pp.stages} stages x "
+            f"{pp.repeats} repeats ({chunks} equal chunks)",
+            suggestion=f"use a layer count that is a multiple of {chunks}, or change PP(stages=, repeats=)",
+        )
+
+
 def remat(fn: Callable[..., Any], policy: str) -> Callable[..., Any]:
     """``fn`` under the named remat policy (see :data:`REMAT_POLICIES`)."""
     if policy not in REMAT_POLICIES:
@@ -183,7 +210,8 @@ def pipeline_forward(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked: A
 
         parked = _vary(jnp.zeros_like(x_mb) if v > 1 else jnp.zeros_like(x_mb[:1]), axis)
         carry = (zeros, parked, _vary(jnp.zeros_like(x_mb), axis))
-        (_, _, outputs), _ = jax.lax.scan(tick, carry, (f_mb, f_rep, prev_mb, prev_rep))
+        (_, _, outputs), _ = jax.lax.scan(tick, carry, (f_mb, f_rep, prev_mb, prev_rep),
+                                          unroll=pp.unroll_ticks)
         return outputs[None]
 
     leaf_spec = PartitionSpec(None, axis)

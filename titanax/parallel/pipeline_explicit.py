@@ -230,7 +230,8 @@ def _run_explicit(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any,
                  [_vary(jnp.zeros_like(o), axis) for o in others],
                  _vary(jnp.zeros((), jnp.float32), axis),
                  _vary(jnp.zeros_like(x_mb), axis))
-        (_, _, _, _, g_chunks, g_others, loss, dx_out), _ = jax.lax.scan(tick, carry, columns)
+        (_, _, _, _, g_chunks, g_others, loss, dx_out), _ = jax.lax.scan(tick, carry, columns,
+                                                                                  unroll=pp.unroll_ticks)
         # Per-stage partial sums leave the shard_map stacked on the pipeline axis and are summed
         # by GSPMD outside: a psum over the manual axis of an array still split over the auto
         # axes trips XLA's partitioner (jax 0.10).

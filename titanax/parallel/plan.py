@@ -131,6 +131,10 @@ class PP:
     nan_bubbles: bool = False
     """Debug check: feed NaN into every idle (bubble) slot; results must not change."""
 
+    unroll_ticks: bool = False
+    """Unroll the loop over ticks (compile time grows with the tick count). XLA's cost analysis
+    counts a loop body once, not per trip; unrolled, it counts every tick."""
+
     def __post_init__(self) -> None:
         _check_axis("PP", self.axis)
         if self.schedule not in SCHEDULES:
