@@ -15,8 +15,9 @@ Every row is compiled twice:
   count the whole step. FLOPs per device and collective-permutes per step come from this program.
   These compiles run in worker subprocesses, in parallel with the rest, with LLVM optimization
   turned down (``--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true``):
-  that changes the machine code only, not the optimized HLO the figures are read from (checked:
-  FLOPs, memory and collectives came out identical with and without the flags).
+  that changes the machine code only, not the optimized HLO the figures are read from (checked on
+  the gpipe m = 4 and 1f1b m = 16 rows: the same FLOPs, temp bytes and collective-permutes with
+  and without the flags).
 * *rolled* (ticks and layers in ``lax.scan``, the program one would train with): temp memory per
   device (``memory_analysis()``) and step time come from this one, in this process.
 
@@ -26,7 +27,7 @@ they are given as ratios to the one-device baseline measured in the same run. On
 accelerators; compare rows with each other. All figures are measured in this one run.
 
     python benchmarks/pipeline.py                  # p = 4, m in {4, 16}, 8 layers, v = 2
-    python benchmarks/pipeline.py --quick          # m = 4p only, fewer timing rounds
+    python benchmarks/pipeline.py --quick          # m = 4p only, no interleaved, fewer timing rounds
     python benchmarks/pipeline.py --stages 2 --microbatches 2 8 --layers 4 --schedules gpipe 1f1b
 """
 
@@ -38,7 +39,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -111,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
         print(json.dumps(analyse(args, job)), flush=True)
 
 
-def start_workers(args: argparse.Namespace, jobs: list[dict]) -> list[subprocess.Popen]:
+def start_workers(args: argparse.Namespace, jobs: list[dict]) -> list[tuple[subprocess.Popen, Any]]:
     """Spread the unrolled compiles over ``args.workers`` subprocesses (longest first, to the least
     loaded), each with LLVM optimization turned down (see the module docstring)."""
     def cost(job: dict) -> float:  # compile seconds, roughly, as measured on a 2-core machine
@@ -131,18 +134,26 @@ def start_workers(args: argparse.Namespace, jobs: list[dict]) -> list[subprocess
     common = ["--stages", str(args.stages), "--layers", str(args.layers), "--embed", str(args.embed),
               "--heads", str(args.heads), "--mlp", str(args.mlp), "--seq-len", str(args.seq_len),
               "--batch", str(args.batch)]
-    return [subprocess.Popen([sys.executable, os.path.abspath(__file__), *common, "--worker", json.dumps(js)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for js in loads if js]
+    procs = []
+    for js in loads:
+        if js:  # output to a file, not a pipe: nothing reads it until this process has compiled its own
+            out = tempfile.TemporaryFile("w+")
+            procs.append((subprocess.Popen([sys.executable, os.path.abspath(__file__), *common, "--worker",
+                                            json.dumps(js)], env=env, stdout=out, stderr=subprocess.STDOUT), out))
+    return procs
 
 
-def collect(procs: list[subprocess.Popen]) -> list[dict]:
+def collect(procs: list[tuple[subprocess.Popen, Any]]) -> list[dict]:
+    """Wait for the workers; their results."""
     results = []
-    for proc in procs:
-        out, err = proc.communicate()
+    for proc, file in procs:
+        proc.wait()
+        file.seek(0)
+        out = file.read()
+        file.close()
         lines = [line for line in out.splitlines() if line.startswith("{")]
         if proc.returncode:
-            sys.stderr.write(out + err)
+            sys.stderr.write(out)
             raise SystemExit(f"an analysis worker failed (exit {proc.returncode})")
         results += [json.loads(line) for line in lines]
     return results
@@ -201,7 +212,8 @@ def main() -> None:
                         help="microbatch counts m (default p and 4p)")
     parser.add_argument("--repeats", type=int, default=2, help="v for circular and interleaved")
     parser.add_argument("--layers", type=int, default=8, help="transformer blocks (a multiple of p * v)")
-    parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
+    parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=None,
+                        help="default all four (--quick: gpipe, circular, 1f1b, what the two checks need)")
     parser.add_argument("--embed", type=int, default=64)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--mlp", type=int, default=256)
@@ -210,7 +222,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (median kept)")
     parser.add_argument("--steps", type=int, default=2, help="steps per row per timing round")
     parser.add_argument("--workers", type=int, default=2, help="subprocesses for the unrolled compiles")
-    parser.add_argument("--quick", action="store_true", help="m = 4p only, 3 timing rounds")
+    parser.add_argument("--quick", action="store_true",
+                        help="m = 4p only, no interleaved row (its unrolled compile is the slowest), 3 timing rounds")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: analysis jobs (JSON)
     args = parser.parse_args()
     p = args.stages
@@ -221,6 +234,8 @@ def main() -> None:
     start = time.perf_counter()
     if args.microbatches is None:
         args.microbatches = [4 * p] if args.quick else [p, 4 * p]
+    if args.schedules is None:
+        args.schedules = ["gpipe", "circular", "1f1b"] if args.quick else list(SCHEDULES)
     if args.quick:
         args.rounds = min(args.rounds, 3)
     if args.layers % 2:

@@ -98,8 +98,8 @@ def test_gpt_pipeline_example_matches_its_non_pipelined_twin():
     from examples.gpt_small_pp.train import main as train_pp
     from examples.gpt_small_tp.train import main as train_tp
 
-    short = ["--set", "steps=12", "--set", "log_every=6", "--set", "eval_every=12", "--set", "cpu_devices=0",
-             "--set", "data.max_bytes=300000", "--set", "data.eval_batches=2"]
+    short = ["--set", "steps=12", "--set", "optimizer.warmup_steps=4", "--set", "log_every=6", "--set", "eval_every=12", "--set", "cpu_devices=0",
+             "--set", "data.max_bytes=600000", "--set", "data.eval_batches=2"]
     pipelined = train_pp(short)  # PP 2 x DP 2 x TP 2, 1f1b
     twin = train_tp(["--config", str(ROOT / "examples" / "configs" / "gpt_tiny_dp4_tp2_l4.yaml"), *short])
     assert abs(pipelined["eval/loss"] - twin["eval/loss"]) <= 1e-4 * twin["eval/loss"], (pipelined, twin)
