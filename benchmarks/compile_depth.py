@@ -39,12 +39,12 @@ def measure(args: argparse.Namespace) -> dict:
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     jax.config.update("jax_enable_compilation_cache", False)
 
-    from examples.gpt_small_tp.model import GPT, TINY, next_token_loss
+    from examples.gpt_small_tp.model import GPT, TINY
+    from examples.gpt_small_tp.steps import train_step
 
     cfg = dataclasses.replace(TINY, num_layers=args.one, embed_dim=args.embed, num_heads=args.heads,
                               mlp_dim=args.mlp or 4 * args.embed, max_seq_len=max(TINY.max_seq_len, args.seq_len),
@@ -55,15 +55,6 @@ def measure(args: argparse.Namespace) -> dict:
     state = engine.init(lambda rngs: GPT(cfg, rngs=rngs), rng=0)  # compiles the initializer: not timed
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32)
     batch = tx.data.to_global({"tokens": tokens}, mesh, plan)
-
-    def loss_of(params, state: tx.TrainState, batch: dict) -> jax.Array:
-        tokens_BT1 = batch["tokens"].astype(jnp.int32)
-        return next_token_loss(state.apply(params, tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
-
-    @tx.step_fn
-    def train_step(state: tx.TrainState, batch: dict):
-        loss, grads = jax.value_and_grad(loss_of)(state.params, state, batch)
-        return state.apply_gradients(grads=grads), {"loss": loss}
 
     start = time.perf_counter()
     lowered = train_step.lower(state, batch)

@@ -59,30 +59,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if run.cpu_devices:
         tx.simulate_cpu_devices(run.cpu_devices)
 
-    import jax
-    import jax.numpy as jnp
-
     from examples.gpt_small_tp.data import heldout_batches, load_corpus, train_loader
-    from examples.gpt_small_tp.model import GPT, next_token_loss
+    from examples.gpt_small_tp.model import GPT
+    from examples.gpt_small_tp.steps import eval_step, train_step
 
     corpus = load_corpus(run.data.paths, tokenizer=run.data.tokenizer, max_bytes=run.data.max_bytes)
     cfg = model_config(run, corpus.tokenizer.vocab_size)
     mesh, plan = run.build_mesh(), run.build_plan()
     seq_len = run.data.seq_len
-
-    def loss_of(params: Any, state: tx.TrainState, batch: dict) -> jax.Array:
-        tokens_BT1 = batch["tokens"].astype(jnp.int32)
-        return next_token_loss(state.apply(params, tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
-
-    @tx.step_fn
-    def train_step(state: tx.TrainState, batch: dict):
-        # tx.value_and_grad is jax.value_and_grad, except under a 1f1b/interleaved pipeline, where
-        # it runs forward and backward together with the loss on the last stage.
-        loss, grads = tx.value_and_grad(loss_of)(state.params, state, batch)
-        return state.apply_gradients(grads=grads), {"loss": loss}
-
-    def eval_step(state: tx.TrainState, batch: dict) -> dict:
-        return {"loss": loss_of(state.params, state, batch)}
 
     opt = run.optimizer
     schedule = tx.optim.warmup_cosine(opt.lr, warmup_steps=opt.warmup_steps, total_steps=run.steps)
