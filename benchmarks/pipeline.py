@@ -180,10 +180,10 @@ def predicted_overhead(row: dict, parts: dict, p: int, args: argparse.Namespace)
       that recomputes the chunk's forward before its backward (``jax.vjp``), on every stage, busy
       or idle: stack per device ``(S_f + S) / p * T / (v m)``, less what the recompute leaves out:
       the backward does not need the chunk's output, so XLA drops the last block's MLP
-      down-projection from it (``2 B T D F`` FLOPs per chunk and global batch ``B``; ``v p``
-      chunks). The head and loss run per
-      microbatch inside the loop under a ``lax.cond`` on the last stage; XLA's cost model counts a
-      conditional at its costliest branch, every tick, on every device: ``R * T / m``. (The
+      down-projection from it (``2 * batch * seq * D * F`` FLOPs per chunk over the global batch;
+      ``v p`` chunks). The head and loss run per microbatch inside the loop under a ``lax.cond``
+      on the last stage; XLA's cost model counts a conditional at its costliest branch, every
+      tick, on every device: ``R * T / m``. (The
       embedding, outside the loop, is a gather whose gradient is a few hundred thousand adds; it is
       lumped into ``R``.) Bubble term here: ``T / (v m) - 1`` on ``S_f + S``.
 

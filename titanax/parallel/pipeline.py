@@ -183,6 +183,9 @@ def pipeline_forward(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked: A
 
     def per_stage(chunks: Any, x_mb: jax.Array) -> jax.Array:
         chunks = jax.tree.map(lambda a: a[:, 0], chunks)  # [v, layers per chunk, ...] of this stage
+        # Cast the replicated input to per-stage once, here: read inside the loop instead, the
+        # transpose of that implicit cast is a psum over the stages on every backward tick.
+        x_mb = _vary(x_mb, axis)
         s = jax.lax.axis_index(axis)
         first, last = s == 0, s == p - 1
         zeros = _vary(jnp.zeros_like(x_mb[0]), axis)
