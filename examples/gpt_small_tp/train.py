@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(corpus.describe())
     print(f"GPT {cfg.num_layers} layers x {cfg.embed_dim} wide, {cfg.param_count() / 1e6:.2f}M parameters, "
           f"{cfg.flops_per_token(seq_len) / 1e6:.1f} MFLOP/token")
-    print(plan.describe(mesh))
+    pp = plan.pipeline_parallel
+    # One microbatch's [rows, T, D] activation on one device: what a pipeline stage passes on.
+    rows = run.data.batch_size // (pp.microbatches if pp else 1)
+    for axis in plan.batch_axes:
+        rows //= mesh.shape[axis]
+    print(plan.describe(mesh, activation_bytes=rows * seq_len * cfg.embed_dim * 4 if pp else None))
     evaluation = heldout_batches(corpus, seq_len, run.data.batch_size, max_batches=run.data.eval_batches)
 
     def perplexity(metrics: dict[str, float]) -> dict[str, float]:

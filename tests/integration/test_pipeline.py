@@ -18,6 +18,8 @@ CFG = dataclasses.replace(TINY, num_layers=8)  # 8 layers split into p * v = 2, 
 BATCH, SEQ = 8, 16
 TOLERANCE = 1e-5
 SCHEDULES = [("gpipe", 1), ("circular", 2), ("1f1b", 1), ("interleaved", 2)]
+# Each schedule's p = 2 case also runs its stage under a different remat policy.
+REMAT = {"gpipe": "full", "circular": "save_dots", "1f1b": "save_dots_no_batch", "interleaved": "none"}
 
 
 def tokens() -> jax.Array:
@@ -58,7 +60,7 @@ for schedule, repeats in SCHEDULES:
 def test_every_schedule_matches_one_device(kind, schedule, stages, microbatches, repeats, nan_bubbles, reference):
     ref_loss, ref_grads = reference
     pp = tx.PP(axis="pipe", stages=stages, microbatches=microbatches, repeats=repeats, schedule=schedule,
-               nan_bubbles=nan_bubbles)
+               nan_bubbles=nan_bubbles, remat=REMAT[schedule] if kind == "pp2" else "none")
     spec, plan = layout(kind, pp)
     sm = tx.shard(lambda: GPT(CFG, rngs=nnx.Rngs(0)), dataclasses.replace(plan, strict=True), spec.build())
     step = jax.jit(tx.value_and_grad(lambda p, t: loss_fn(sm.apply, p, t)))
@@ -87,6 +89,9 @@ def test_plan_describes_the_pipeline():
     assert f"bubble fraction {3 / 19:.1%} = (p-1)/(v*m+p-1)" in text
     assert "peak stashed microbatches per stage 16" in text
     assert "between stages:" in text
+    # 2 x 19 forward ticks of activations and cotangents, each [2 rows, 16, 64] fp32 = 8 KiB.
+    sized = plan.describe(spec.build(), activation_bytes=2 * SEQ * 64 * 4)
+    assert "between stages: 38 microbatch activations per device per step (304.00 KiB)" in sized
 
 
 def misconfigured(pp_kwargs: dict, *, layers: int = 8, batch: int = BATCH, mesh_pipe: int = 2):

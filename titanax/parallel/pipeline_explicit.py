@@ -149,7 +149,6 @@ def compile_schedule(schedule: Schedule) -> _Program:
 
 
 # ------------------------------------------------------------------------------------ executor
-_TAIL_BY_COND = True
 def _run_explicit(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any, num_layers: int,
                   x: jax.Array, others: list[jax.Array], batch: Any,
                   tail: Callable[[list[jax.Array], jax.Array, Any], jax.Array],
@@ -199,12 +198,8 @@ def _run_explicit(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any,
                 x_in = jnp.where(f_valid, x_in, jnp.nan)
             y = body(jax.tree.map(lambda a: a[fr], chunks), x_in)
             ends = f_valid & last & (fr == v - 1)
-            if _TAIL_BY_COND:
-                loss_i, d_others, dy = jax.lax.cond(ends, tail_branch, no_tail, y, fi)
-            else:
-                loss_i, d_others, dy = tail_branch(y, fi)
-                loss_i = jnp.where(ends, loss_i, 0.0)
-                d_others = [jnp.where(ends, d, jnp.zeros_like(d)) for d in d_others]
+            # Only the last stage runs the head and loss; the branch holds no pipe-axis collective.
+            loss_i, d_others, dy = jax.lax.cond(ends, tail_branch, no_tail, y, fi)
             cbuf = cbuf.at[c["f_cot"]].set(jnp.where(ends, dy.astype(cbuf.dtype), cbuf[c["f_cot"]]))
             loss = loss + loss_i
             g_others = [g + d for g, d in zip(g_others, d_others)]
@@ -272,23 +267,26 @@ def _stack_leaf_indices(params: Any, captured: Any) -> list[int]:
     return matches[0]
 
 
+def _capture(loss_fn: Callable[..., Any], treedef: Any, leaves: list[jax.Array],
+             args: Sequence[Any]) -> StackCaptured | None:
+    """Run ``loss_fn`` until its LayerStack; what the stack saw, or ``None`` if it has none."""
+    with stack_mode(StackMode("capture")):
+        try:
+            loss_fn(jax.tree.unflatten(treedef, leaves), *args)
+        except StackCaptured as captured:
+            return captured
+    return None
+
+
 def _probe(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any]) -> StackCaptured | None:
     """Trace ``loss_fn`` up to its LayerStack (abstractly); the capture if it runs an explicit schedule."""
-    found: list[StackCaptured] = []
+    found: list[StackCaptured | None] = []
     flat, treedef = jax.tree.flatten(params)
-
-    def find(leaves: list[jax.Array]) -> int:
-        with stack_mode(StackMode("capture")):
-            try:
-                loss_fn(jax.tree.unflatten(treedef, leaves), *args)
-            except StackCaptured as captured:
-                found.append(captured)
-        return 0
-
-    jax.eval_shape(find, flat)
-    if not found or found[0].active is None or found[0].active.pp.schedule_table().autodiff:
+    jax.eval_shape(lambda leaves: found.append(_capture(loss_fn, treedef, leaves, args)) or 0, flat)
+    captured = found[0]
+    if captured is None or captured.active is None or captured.active.pp.schedule_table().autodiff:
         return None
-    return found[0]
+    return captured
 
 
 def needs_explicit(loss_fn: Callable[..., Any], params: Any, args: Sequence[Any]) -> bool:
@@ -308,13 +306,11 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], params: Any, args: Sequenc
     flat, treedef = jax.tree.flatten(params)
 
     def pre(leaves: list[jax.Array]) -> tuple[jax.Array, Any]:
-        with stack_mode(StackMode("capture")):
-            try:
-                loss_fn(jax.tree.unflatten(treedef, leaves), *args)
-            except StackCaptured as captured:
-                return captured.x, captured.params
-        raise PlanError("the loss function never called the model's LayerStack",
-                        suggestion="call the model (state.apply) inside the loss function")
+        captured = _capture(loss_fn, treedef, leaves, args)
+        if captured is None:
+            raise PlanError("the loss function never called the model's LayerStack",
+                            suggestion="call the model (state.apply) inside the loss function")
+        return captured.x, captured.params
 
     captured = _probe(loss_fn, params, args)
     if captured is None:

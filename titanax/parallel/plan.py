@@ -323,8 +323,15 @@ class Plan:
                 )
         self.resolved_rules().validate(shape)
 
-    def describe(self, mesh: Mesh | Mapping[str, int] | None = None) -> str:
-        """A readable summary of the plan (with axis sizes when ``mesh`` is given)."""
+    def describe(self, mesh: Mesh | Mapping[str, int] | None = None, *,
+                 activation_bytes: int | None = None) -> str:
+        """A readable summary of the plan.
+
+        Args:
+          mesh: adds the axis sizes.
+          activation_bytes: with a pipeline, the bytes of one microbatch's activation on one device
+            (the stack's input), to report the bytes moved between stages per step.
+        """
         shape = {} if mesh is None else (dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh))
         lines = ["Plan"]
         for name, part in self._parts().items():
@@ -337,7 +344,7 @@ class Plan:
             lines.append(f"  {name:<5} over {part.axis!r}{size}{extra}")
         lines.append(f"  batch split over {self.batch_axes or 'nothing (replicated)'}")
         if self.pipeline_parallel is not None:
-            lines.extend(self.pipeline_parallel.describe())
+            lines.extend(self.pipeline_parallel.describe(activation_bytes))
         rules = self.resolved_rules()
         lines.append("  rules: " + ", ".join(f"{n}->{t}" for n, t in rules.rules))
         if rules.unnamed is not None:
