@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType
 
 from titanax.exceptions import CollectiveError
+from titanax.parallel.manual import varying_axes
 
 __all__ = [
     "psum",
@@ -471,14 +472,3 @@ def axis_size(axis_name: AxisName) -> int:
     """
     return _size(_check_axes("axis_size", axis_name))
 
-
-def varying_axes(x: Any) -> frozenset[str]:
-    """Mesh axes along which ``x`` differs between devices inside ``jax.shard_map``.
-
-    Empty outside a shard_map, and for values replicated (invariant) over every manual axis.
-    """
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10: the varying set lives here
-    if manual is not None and hasattr(manual, "varying"):
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))

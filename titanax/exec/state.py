@@ -12,7 +12,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax.exceptions import CollectiveError
-from titanax.exec.collectives import varying_axes
+from titanax.parallel.manual import varying_axes
 from titanax.exec.precision import LossScale, Precision, scale_cotangent
 from titanax.optim import as_optimizer
 from titanax.parallel.rules import Rules

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from titanax.exceptions import CollectiveError, ShardingError, TitanaxError
-from titanax.exec.collectives import varying_axes
+from titanax.parallel.manual import as_varying, varying_axes
 from titanax.exec.state import TrainState
 
 __all__ = ["StepFunction", "step_fn", "batch_shardings"]
@@ -54,11 +54,6 @@ def _split_microbatches(batch: Any, k: int) -> Any:
 def _batch_axes(state: TrainState) -> tuple[str, ...]:
     (entry,) = state.rules.resolve(("batch",), (state.mesh.size,), dict(state.mesh.shape))
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _pcast_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    missing = tuple(a for a in axes if a not in varying_axes(x))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _check_metrics_reduced(metrics: Mapping[str, jax.Array], axes: tuple[str, ...]) -> None:
@@ -133,7 +128,7 @@ class StepFunction:
             if manual_axes:
                 # Per-device gradients (not JAX's implicit sum over the data axes): the user's
                 # explicit pmean then gives exactly the global mean, as in pmap-style code.
-                params = jax.tree.map(lambda p: _pcast_varying(p, manual_axes), params)
+                params = jax.tree.map(lambda p: as_varying(p, manual_axes), params)
             accumulating = state.replace(accumulating=True, manual_axes=manual_axes, params=params,
                                          grad_accum=jax.tree.map(jnp.zeros_like, state.params))
             if k == 1:

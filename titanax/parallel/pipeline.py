@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from titanax.exceptions import PlanError
+from titanax.parallel.manual import as_varying
 
 __all__ = ["REMAT_POLICIES", "current_pipeline", "pipeline_context", "pipeline_forward", "remat"]
 
@@ -109,12 +110,6 @@ def remat(fn: Callable[..., Any], policy: str) -> Callable[..., Any]:
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 
-def _vary(x: jax.Array, axis: str) -> jax.Array:
-    from titanax.exec.collectives import varying_axes
-
-    return x if axis in varying_axes(x) else jax.lax.pcast(x, axis, to="varying")
-
-
 def split_layers(stacked: Any, num_layers: int, stages: int, repeats: int) -> Any:
     """``[L, ...]`` leaves viewed as ``[repeats, stages, L / (repeats * stages), ...]``.
 
@@ -185,10 +180,10 @@ def pipeline_forward(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked: A
         chunks = jax.tree.map(lambda a: a[:, 0], chunks)  # [v, layers per chunk, ...] of this stage
         # Cast the replicated input to per-stage once, here: read inside the loop instead, the
         # transpose of that implicit cast is a psum over the stages on every backward tick.
-        x_mb = _vary(x_mb, axis)
+        x_mb = as_varying(x_mb, axis)
         s = jax.lax.axis_index(axis)
         first, last = s == 0, s == p - 1
-        zeros = _vary(jnp.zeros_like(x_mb[0]), axis)
+        zeros = as_varying(jnp.zeros_like(x_mb[0]), axis)
 
         def tick(carry, row):
             arrived, parked, outputs = carry
@@ -211,8 +206,8 @@ def pipeline_forward(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked: A
             outputs = outputs.at[i].set(jnp.where(done, y, outputs[i]))
             return (jax.lax.ppermute(y, axis, ring), parked, outputs), None
 
-        parked = _vary(jnp.zeros_like(x_mb) if v > 1 else jnp.zeros_like(x_mb[:1]), axis)
-        carry = (zeros, parked, _vary(jnp.zeros_like(x_mb), axis))
+        parked = as_varying(jnp.zeros_like(x_mb) if v > 1 else jnp.zeros_like(x_mb[:1]), axis)
+        carry = (zeros, parked, as_varying(jnp.zeros_like(x_mb), axis))
         (_, _, outputs), _ = jax.lax.scan(tick, carry, (f_mb, f_rep, prev_mb, prev_rep),
                                           unroll=pp.unroll_ticks)
         return outputs[None]

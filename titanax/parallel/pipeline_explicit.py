@@ -28,8 +28,9 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from titanax.exceptions import PlanError
-from titanax.parallel.pipeline import (ActivePipeline, _vary, merge_layers, merge_microbatches, remat,
-                                       split_layers, split_microbatches)
+from titanax.parallel.manual import as_varying
+from titanax.parallel.pipeline import (ActivePipeline, merge_layers, merge_microbatches, remat, split_layers,
+                                       split_microbatches)
 from titanax.parallel.schedules import Schedule
 from titanax.parallel.sharding import path_string
 
@@ -170,21 +171,21 @@ def _run_explicit(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any,
         chunks = jax.tree.map(lambda a: a[:, 0], chunks)
         s = jax.lax.axis_index(axis)
         first, last = s == 0, s == p - 1
-        act0 = _vary(jnp.zeros_like(x_mb[0]), axis)
+        act0 = as_varying(jnp.zeros_like(x_mb[0]), axis)
 
         def tail_branch(y, i):
             batch_i = jax.tree.map(lambda a: a[i], batch_mb)
             # Differentiate with respect to per-stage (varying) copies: the gradient of a value
             # replicated over the pipeline axis would be a psum over it, inside this branch that
             # only the last stage takes, and a collective only some devices reach never completes.
-            varying = [_vary(o, axis) for o in others]
+            varying = [as_varying(o, axis) for o in others]
             loss_i, pullback = jax.vjp(lambda o, h: tail(o, h, batch_i) / m, varying, y)
             d_others, dy = pullback(jnp.ones_like(loss_i))
-            return jax.tree.map(lambda a: _vary(a, axis), (loss_i.astype(jnp.float32), d_others, dy))
+            return jax.tree.map(lambda a: as_varying(a, axis), (loss_i.astype(jnp.float32), d_others, dy))
 
         def no_tail(y, i):
             zeros = (jnp.zeros((), jnp.float32), [jnp.zeros_like(o) for o in others], jnp.zeros_like(y))
-            return jax.tree.map(lambda a: _vary(a, axis), zeros)
+            return jax.tree.map(lambda a: as_varying(a, axis), zeros)
 
         def tick(carry, row):
             stash, cbuf, act_in, cot_in, g_chunks, g_others, loss, dx_out = carry
@@ -218,13 +219,13 @@ def _run_explicit(stage_fn: Callable[[Any, jax.Array], jax.Array], stacked: Any,
             cot_in = jax.lax.ppermute(dx, axis, bwd_ring)
             return (stash, cbuf, act_in, cot_in, g_chunks, g_others, loss, dx_out), None
 
-        carry = (_vary(jnp.zeros((program.stash_slots, *x_mb.shape[1:]), x_mb.dtype), axis),
-                 _vary(jnp.zeros((program.cotangent_slots, *x_mb.shape[1:]), x_mb.dtype), axis),
+        carry = (as_varying(jnp.zeros((program.stash_slots, *x_mb.shape[1:]), x_mb.dtype), axis),
+                 as_varying(jnp.zeros((program.cotangent_slots, *x_mb.shape[1:]), x_mb.dtype), axis),
                  act0, act0,
-                 jax.tree.map(lambda a: _vary(jnp.zeros_like(a), axis), chunks),
-                 [_vary(jnp.zeros_like(o), axis) for o in others],
-                 _vary(jnp.zeros((), jnp.float32), axis),
-                 _vary(jnp.zeros_like(x_mb), axis))
+                 jax.tree.map(lambda a: as_varying(jnp.zeros_like(a), axis), chunks),
+                 [as_varying(jnp.zeros_like(o), axis) for o in others],
+                 as_varying(jnp.zeros((), jnp.float32), axis),
+                 as_varying(jnp.zeros_like(x_mb), axis))
         (_, _, _, _, g_chunks, g_others, loss, dx_out), _ = jax.lax.scan(tick, carry, columns,
                                                                                   unroll=pp.unroll_ticks)
         # Per-stage partial sums leave the shard_map stacked on the pipeline axis and are summed
