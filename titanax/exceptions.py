@@ -14,6 +14,7 @@ __all__ = [
     "CollectiveError",
     "DistributedError",
     "CheckpointError",
+    "ConfigError",
     "TitanaxWarning",
 ]
 
@@ -69,6 +70,10 @@ class CollectiveError(TitanaxError):
 
 class DistributedError(TitanaxError):
     """A multi-process setup that is incomplete or inconsistent."""
+
+
+class ConfigError(TitanaxError):
+    """A run configuration (YAML, ``--set`` override or import path) that cannot be used."""
 
 
 class CheckpointError(TitanaxError):

@@ -23,8 +23,10 @@ import sysconfig
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import jax
 import numpy as np
 
+from titanax.data import DataSource
 from titanax.data.loader import ArrayLoader
 from titanax.exceptions import TitanaxError
 
@@ -356,3 +358,48 @@ def heldout_batches(corpus: Corpus, seq_len: int, batch_size: int,
             suggestion="lower batch_size or seq_len, or raise heldout_fraction or max_bytes")
     n = len(w) // batch_size if max_batches is None else min(len(w) // batch_size, max_batches)
     return [{"tokens": np.array(w[i * batch_size:(i + 1) * batch_size])} for i in range(n)]
+
+
+def text_source(paths: Sequence[str] | None = None, *, tokenizer: str | None = None,
+                max_bytes: int | None = None, seq_len: int = 64, eval_batches: int | None = 8,
+                batch_size: int, seed: int) -> DataSource:
+    """The run-config data factory (``data.factory: examples.gpt_small_tp.data:text_source``).
+
+    The corpus is read when training starts, not here, so ``titanax describe`` stays instant.
+
+    Args:
+      paths: text files or folders (``None``: this Python's standard library sources).
+      tokenizer: see :func:`load_tokenizer` (``None``: bytes).
+      max_bytes: read at most this much text.
+      seq_len: tokens per training sequence.
+      eval_batches: held-out batches per evaluation (``None``: all of them).
+      batch_size: global batch size (sequences).
+      seed: shuffling seed.
+
+    Returns:
+      A ``tx.data.DataSource`` of ``{"tokens": [batch, seq_len + 1]}`` batches, each process
+      reading its slice.
+    """
+    tok = load_tokenizer(tokenizer)
+    loaded: list[Corpus] = []
+
+    def corpus() -> Corpus:
+        if not loaded:
+            loaded.append(load_corpus(paths, tokenizer=tok, max_bytes=max_bytes))
+            if jax.process_index() == 0:
+                print(loaded[0].describe(), flush=True)
+        return loaded[0]
+
+    def held_out() -> ArrayLoader:
+        rows = np.concatenate([b["tokens"] for b in heldout_batches(corpus(), seq_len, batch_size, eval_batches)])
+        return ArrayLoader({"tokens": rows}, batch_size=batch_size, shuffle=False, epochs=1)
+
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
+    return DataSource(
+        train=lambda: train_loader(corpus(), seq_len, batch_size, seed=seed),
+        eval=held_out,
+        example={"tokens": np.zeros((batch_size, seq_len + 1), dtype)},
+        tokens_per_example=seq_len,
+        description=f"text from {'the Python standard library' if paths is None else ', '.join(map(str, paths))}, "
+                    f"{type(tok).__name__} tokens (vocab {tok.vocab_size}), {seq_len} per sequence",
+    )

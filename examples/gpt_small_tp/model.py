@@ -12,6 +12,7 @@ Shapes in names: B batch, T sequence, D embed, H heads, K per-head width, F MLP 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +192,26 @@ class GPT(nnx.Module):
         # The head gathers the sequence (under sequence parallelism) and splits the vocabulary.
         return tx.constrain(self.wte.attend(tx.constrain(x_BTD, ("batch", None, "embed"))),
                             ("batch", None, "vocab"))
+
+
+def gpt(preset: str = "tiny", *, rngs: nnx.Rngs, **overrides: Any) -> GPT:
+    """The run-config model factory (``model: {factory: examples.gpt_small_tp.model:gpt, args: ...}``).
+
+    Args:
+      preset: a key of :data:`CONFIGS` (``tiny``, ``small``).
+      rngs: the initialization keys (Titanax passes them).
+      **overrides: ``GPTConfig`` fields to change, e.g. ``num_layers=4``.
+
+    Returns:
+      The model.
+    """
+    if preset not in CONFIGS:
+        raise tx.TitanaxError(f"model preset {preset!r} is unknown", suggestion=f"use one of {list(CONFIGS)}")
+    fields = [f.name for f in dataclasses.fields(GPTConfig)]
+    for name in overrides:
+        if name not in fields:
+            raise tx.TitanaxError(f"model.args.{name} is not a GPTConfig field", suggestion=f"valid: {', '.join(fields)}")
+    return GPT(dataclasses.replace(CONFIGS[preset], **overrides), rngs=rngs)
 
 
 def next_token_loss(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:

@@ -27,3 +27,10 @@ def train_step(state: tx.TrainState, batch: dict):
 
 def eval_step(state: tx.TrainState, batch: dict) -> dict:
     return {"loss": loss_of(state.params, state, batch)}
+
+
+def perplexity(metrics: dict[str, float]) -> dict[str, float]:
+    """``exp`` of the mean held-out loss (a mean of per-batch perplexities would be wrong)."""
+    import math
+
+    return {"perplexity": math.exp(metrics["loss"])}

@@ -13,9 +13,10 @@ from typing import BinaryIO
 
 import numpy as np
 
+from titanax.data import ArrayLoader, DataSource
 from titanax.exceptions import TitanaxError
 
-__all__ = ["load_dataset", "read_idx", "MNIST_FILES"]
+__all__ = ["load_dataset", "digits_source", "read_idx", "MNIST_FILES"]
 
 MNIST_FILES = {
     "x_train": ("train-images-idx3-ubyte", 2051),
@@ -181,3 +182,33 @@ def load_dataset(
             suggestion="e.g. test_fraction=0.2 holds out a fifth of the digits",
         )
     return _load_digits(test_fraction, seed)
+
+
+def digits_source(data_dir: str | None = None, *, eval_batch_size: int = 1000, batch_size: int,
+                  seed: int) -> DataSource:
+    """The run-config data factory (``data.factory: examples.mnist_dp.data:digits_source``).
+
+    Args:
+      data_dir: as in :func:`load_dataset` (``None``: scikit-learn's digits).
+      eval_batch_size: held-out images per evaluation batch (rounded down to a multiple of the
+        device count; the held-out set is trimmed to one, so every batch splits evenly).
+      batch_size: global training batch size.
+      seed: shuffling seed of the training order (the train/test split is fixed).
+
+    Returns:
+      A ``tx.data.DataSource``: an endless shuffled loader, the held-out set in order, and one
+      batch of shapes. Each process reads its own slice of every batch.
+    """
+    import jax
+
+    x_train, y_train, x_test, y_test = load_dataset(data_dir)
+    devices = jax.device_count()
+    usable = len(x_test) - len(x_test) % devices
+    eval_rows = max(devices, min(eval_batch_size, usable) // devices * devices)
+    held_out = {"image": x_test[:usable], "label": y_test[:usable]}
+    return DataSource(
+        train=lambda: ArrayLoader({"image": x_train, "label": y_train}, batch_size=batch_size, seed=seed),
+        eval=lambda: ArrayLoader(held_out, batch_size=eval_rows, shuffle=False, drop_remainder=False, epochs=1),
+        example={"image": x_train[:batch_size], "label": y_train[:batch_size]},
+        description=f"{len(x_train)} training / {usable} held-out images {x_train.shape[1:]}",
+    )

@@ -16,10 +16,12 @@ from titanax.data.global_batch import (
 )
 from titanax.data.loader import ArrayLoader
 from titanax.data.prefetch import DevicePrefetcher, prefetch_to_device
+from titanax.data.source import DataSource
 
 __all__ = [
     "ArrayLoader",
     "DataShard",
+    "DataSource",
     "DevicePrefetcher",
     "batch_sharding",
     "global_batch_size",

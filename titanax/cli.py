@@ -1,0 +1,162 @@
+"""The ``titanax`` command: ``run``, ``describe`` and ``launch`` a training run from a YAML file.
+
+    titanax run examples/configs/mnist_dp.yaml --cpu-devices 8
+    titanax describe examples/configs/gpt_small_dp2_tp4.yaml
+    titanax launch --nprocs 2 --cpu-devices-per-proc 4 -- titanax run examples/configs/mnist_dp.yaml
+
+A configuration mistake (``TitanaxError``) prints one paragraph — what is wrong, which key, what to
+change — and exits with status 2, without a Python traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+
+__all__ = ["app", "main"]
+
+EXIT_CONFIG_ERROR = 2
+"""Exit status of a misconfiguration (the same as a command-line usage error)."""
+
+app = typer.Typer(
+    name="titanax",
+    help="Train JAX/Flax models across devices from a YAML run configuration.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ConfigPath = Annotated[str, typer.Argument(help="The run configuration: a YAML file (see examples/configs/).",
+                                           show_default=False)]
+Overrides = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", metavar="KEY=VALUE",
+    help="Override a configuration value (YAML syntax; repeatable), e.g. --set train.steps=20 "
+    "--set mesh.shape=[2,4].")]
+CpuDevices = Annotated[Optional[int], typer.Option(
+    "--cpu-devices", min=1, metavar="N",
+    help="Simulate N devices on the CPU (for machines without accelerators; also "
+    "TITANAX_CPU_DEVICES).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full Python traceback of an error.")]
+
+
+def _fail(error: BaseException, debug: bool) -> None:
+    from titanax.exceptions import TitanaxError
+
+    if debug or os.environ.get("TITANAX_DEBUG"):
+        raise error
+    message = error.message if isinstance(error, TitanaxError) else str(error)
+    suggestion = getattr(error, "suggestion", None)
+    text = f"titanax: error: {message}" + (f"\n  Suggestion: {suggestion}" if suggestion else "")
+    typer.echo(text, err=True)
+    raise typer.Exit(EXIT_CONFIG_ERROR)
+
+
+def _start(config: str, overrides: list[str] | None, cpu_devices: int | None, *,
+           default_devices: Any = None) -> Any:
+    """Read the configuration, then start JAX: simulated devices first, then ``jax.distributed``."""
+    import titanax as tx
+    from titanax import config as txconfig
+
+    cfg = txconfig.load(config, overrides or [])
+    count = cpu_devices
+    if count is None and "TITANAX_CPU_DEVICES" not in os.environ and default_devices is not None:
+        count = default_devices(cfg)
+    if count is not None:
+        os.environ["TITANAX_CPU_DEVICES"] = str(count)
+    tx.runtime.initialize()  # joins the launcher's processes; simulates TITANAX_CPU_DEVICES
+    return cfg
+
+
+@app.command()
+def run(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices = None,
+        debug: Debug = False) -> None:
+    """Train the run a configuration describes.
+
+    Resumes from the latest checkpoint in checkpoint.dir, if any. Under `titanax launch` (or SLURM,
+    Open MPI, Kubernetes) every process runs this same command and joins one jax.distributed job.
+    """
+    from titanax.exceptions import TitanaxError
+
+    try:
+        cfg = _start(config, overrides, cpu_devices)
+        from titanax.config import train
+
+        train(cfg)
+    except TitanaxError as error:
+        _fail(error, debug)
+
+
+def _describe_devices(cfg: Any) -> int:
+    shape = cfg.mesh.shape
+    if shape is not None and all(size > 0 for size in shape):
+        import math
+
+        return math.prod(shape)
+    return 8
+
+
+@app.command()
+def describe(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices = None,
+             debug: Debug = False) -> None:
+    """Dry run: lay out and compile the training step without training.
+
+    Builds the mesh and plan on simulated CPU devices (as many as the mesh shape asks for, or
+    --cpu-devices), compiles one training step ahead of time and prints the layout of every
+    parameter, memory per device (parameters, optimizer state, activations and temporaries),
+    collectives per step and the pipeline bubble. Nothing is trained, loaded or written.
+    """
+    from titanax.exceptions import TitanaxError
+
+    try:
+        cfg = _start(config, overrides, cpu_devices, default_devices=_describe_devices)
+        from titanax.config.describe import describe_run
+
+        typer.echo(describe_run(cfg).render())
+    except TitanaxError as error:
+        _fail(error, debug)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def launch(
+    command: Annotated[list[str], typer.Argument(
+        help="The command every process runs, after `--` (e.g. -- titanax run config.yaml).",
+        metavar="-- COMMAND...", show_default=False)],
+    nprocs: Annotated[int, typer.Option("--nprocs", "-n", min=1, help="Number of processes to start.")] = 1,
+    cpu_devices_per_proc: Annotated[Optional[int], typer.Option(
+        "--cpu-devices-per-proc", min=1, metavar="K",
+        help="Simulate K CPU devices in each process (sets TITANAX_CPU_DEVICES).")] = None,
+    port: Annotated[Optional[int], typer.Option(
+        help="Coordinator port on this machine (default: a free one).")] = None,
+    grace: Annotated[float, typer.Option(
+        help="Seconds the other processes get to exit after one fails, before they are killed.")] = 10.0,
+    debug: Debug = False,
+) -> None:
+    """Start N local processes joined by jax.distributed (like torchrun).
+
+    Each process gets TITANAX_COORDINATOR_ADDRESS, TITANAX_NUM_PROCESSES and TITANAX_PROCESS_ID
+    (read by titanax.runtime.initialize(), which `titanax run` calls). Output is streamed with a
+    [pN] prefix. If one process fails, the others are stopped and its exit code is returned.
+    """
+    from titanax.exceptions import TitanaxError
+    from titanax.launch import launch as launch_local
+
+    try:
+        code = launch_local(list(command), nprocs=nprocs, cpu_devices_per_proc=cpu_devices_per_proc,
+                            port=port, grace_s=grace)
+    except TitanaxError as error:
+        _fail(error, debug)
+    raise typer.Exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script's entry point (``titanax ...``)."""
+    app(args=argv, prog_name="titanax")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

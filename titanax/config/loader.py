@@ -1,0 +1,244 @@
+"""Reading a run configuration: YAML + ``--set`` overrides, checked against the schema.
+
+Why OmegaConf: its structured configs already give what a run file needs — a dataclass schema
+checked key by key and type by type, ``${oc.env:VAR,default}`` environment substitution,
+``${other.key}`` interpolation and dotted overrides — and it is what Hydra users already write.
+pydantic validates as well but brings no YAML, interpolation or override syntax. Titanax adds only
+the messages: every OmegaConf error becomes one ``ConfigError`` that names the file and the key,
+says what was expected and suggests the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf import errors as oc_errors
+
+from titanax.config.schema import RunConfig
+from titanax.exceptions import ConfigError, TitanaxError
+
+__all__ = ["load", "from_dict"]
+
+
+def load(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, merge and validate a run configuration.
+
+    Args:
+      path: a YAML file (``None``: the overrides alone, on top of the defaults).
+      overrides: ``section.key=value`` assignments applied in order on top of the file (values are
+        YAML: ``train.steps=20``, ``mesh.shape=[2,4]``, ``checkpoint.dir=null``).
+
+    Returns:
+      The validated :class:`RunConfig`.
+
+    Raises:
+      ConfigError: the file is missing or not YAML, an override is not ``key=value``, a key is
+        unknown (the closest valid key is suggested), a value has the wrong type, a required value
+        or an environment variable is missing, or a value fails validation.
+
+    Example:
+      >>> cfg = load("examples/configs/mnist_dp.yaml", ["train.steps=20"])   # doctest: +SKIP
+    """
+    where = str(path) if path is not None else "the command line"
+    layers = [] if path is None else [_read(str(path))]
+    layers.append(_overrides(overrides))
+    return _merge(layers, where)
+
+
+def from_dict(values: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """Like :func:`load`, from a mapping already in memory (a notebook, a test)."""
+    return _merge([OmegaConf.create(values), _overrides(overrides)], "the given mapping")
+
+
+# ------------------------------------------------------------------------------------- reading
+def _read(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}",
+                          suggestion="check the path; example configs are in examples/configs/") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{line} is not valid YAML: {problem}",
+                          suggestion="check the indentation and the brackets around that line "
+                          "(keys and values are separated by ': ')") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} holds a {type(raw).__name__}, not a mapping of sections",
+                          suggestion="start the file with sections such as 'model:', 'data:', 'train:'")
+    return OmegaConf.create(raw)
+
+
+def _overrides(assignments: Sequence[str]) -> Any:
+    for assignment in assignments:
+        key, sep, _ = assignment.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(f"--set {assignment!r} is not key=value",
+                              suggestion="write a dotted key and a YAML value, e.g. --set optimizer.lr=1e-3")
+    try:
+        return OmegaConf.from_dotlist(list(assignments))
+    except oc_errors.OmegaConfBaseException as error:
+        raise ConfigError(f"--set overrides cannot be parsed: {_first_line(error)}",
+                          suggestion="quote values with spaces: --set 'data.args.paths=[a b]'") from None
+
+
+# ------------------------------------------------------------------------------------- merging
+def _merge(layers: list[Any], where: str) -> RunConfig:
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        return OmegaConf.to_object(merged)
+    except TitanaxError as error:  # a section's own __post_init__ check
+        raise type(error)(f"{where}: {error.message}", suggestion=error.suggestion) from None
+    except oc_errors.OmegaConfBaseException as error:
+        raise _translate(error, layers, where) from None
+
+
+def _translate(error: Exception, layers: list[Any], where: str) -> ConfigError:
+    key = getattr(error, "full_key", None) or _locate(layers)
+    if isinstance(error, oc_errors.ConfigKeyError) and key:
+        return _unknown_key(key, where)
+    if isinstance(error, oc_errors.MissingMandatoryValue) and key:
+        return ConfigError(f"{where}: {key} is required but not set",
+                           suggestion=f"add {key} to the file or pass --set {key}=...")
+    if isinstance(error, oc_errors.InterpolationResolutionError):
+        message = _first_line(error)
+        variable = message.split("'")[1] if "Environment variable" in message else None
+        if variable:
+            return ConfigError(f"{where}: {key} reads environment variable {variable}, which is not set",
+                               suggestion=f"export {variable}=..., or give a default: "
+                               f"${{oc.env:{variable},<default>}}")
+        return ConfigError(f"{where}: {key} cannot be resolved: {message}",
+                           suggestion="check the ${...} reference: it must name an existing key")
+    if key:
+        expected = _describe_type(_hint_at(key))
+        value = _value_at(layers, key)
+        shown = f"={value!r}" if value is not _ABSENT else ""
+        return ConfigError(f"{where}: {key}{shown} has the wrong type: expected {expected}",
+                           suggestion=f"write {key} as {expected}")
+    return ConfigError(f"{where}: {_first_line(error)}",
+                       suggestion="compare the file with examples/configs/ and docs/cli.md")
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    *parents, leaf = key.split(".")
+    fields = _fields_at(parents)
+    section = ".".join(parents)
+    if fields is None:
+        return ConfigError(f"{where}: {key} is not a configuration key", suggestion="see docs/cli.md")
+    close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.5)
+    prefix = f"{section}." if section else ""
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    return ConfigError(f"{where}: unknown key {key}",
+                       suggestion=f"{hint}valid keys{' of ' + section if section else ''}: {', '.join(fields)}")
+
+
+def _locate(layers: list[Any]) -> str | None:
+    """The top-level key whose merge fails, for OmegaConf errors that carry no key."""
+    schema = OmegaConf.structured(RunConfig)
+    for layer in layers:
+        for name in OmegaConf.to_container(layer, resolve=False) or {}:
+            try:
+                OmegaConf.merge(schema, {name: layer[name]})
+            except oc_errors.OmegaConfBaseException as error:
+                inner = getattr(error, "full_key", None)
+                if inner:
+                    return inner
+                return _deepest_failure(schema, layer, name)
+    return None
+
+
+def _deepest_failure(schema: Any, layer: Any, name: str) -> str:
+    value = layer[name]
+    if OmegaConf.is_dict(value):
+        for sub in value:
+            try:
+                OmegaConf.merge(schema, {name: {sub: value[sub]}})
+            except oc_errors.OmegaConfBaseException:
+                return f"{name}.{sub}"
+    return name
+
+
+# -------------------------------------------------------------------------------- schema walk
+_ABSENT = object()
+
+
+def _strip_optional(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _hint_at(key: str) -> Any:
+    hint: Any = RunConfig
+    for part in key.split("."):
+        hint = _strip_optional(hint)
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hints = typing.get_type_hints(hint)
+        if part not in hints:
+            return None
+        hint = hints[part]
+    return hint
+
+
+def _fields_at(parents: list[str]) -> list[str] | None:
+    hint = _strip_optional(_hint_at(".".join(parents)) if parents else RunConfig)
+    if not dataclasses.is_dataclass(hint):
+        return None
+    return [f.name for f in dataclasses.fields(hint)]
+
+
+def _describe_type(hint: Any) -> str:
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    hint = _strip_optional(hint)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    origin = typing.get_origin(hint)
+    if hint in names:
+        text = names[hint]
+    elif origin in (tuple, list):
+        inner = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+        text = f"a list of {names.get(inner, 'a value').split(' ', 1)[-1]}s"
+    elif origin is dict:
+        text = "a mapping of names to values"
+    elif dataclasses.is_dataclass(hint):
+        text = f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(hint))}"
+    else:
+        text = "a value of another kind"
+    return f"{text} or null" if optional else text
+
+
+def _value_at(layers: list[Any], key: str) -> Any:
+    found = _ABSENT
+    for layer in layers:
+        node = OmegaConf.to_container(layer, resolve=False)
+        for part in key.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                node = _ABSENT
+                break
+        if node is not _ABSENT:
+            found = node
+    return found
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

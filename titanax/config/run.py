@@ -1,0 +1,228 @@
+"""From a :class:`RunConfig` to a training run: what ``titanax run`` and ``titanax describe`` share.
+
+:func:`prepare` builds every part (mesh, plan, engine, model factory, data source, step functions)
+and checks the combination before anything is compiled; :func:`train` runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from titanax.config.imports import import_object
+from titanax.config.schema import RunConfig, did_you_mean
+from titanax.data.source import DataSource
+from titanax.exceptions import ConfigError
+
+__all__ = ["Prepared", "prepare", "train"]
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class Prepared:
+    """Every part of a run, built and checked, nothing compiled yet."""
+
+    config: RunConfig
+    """The configuration the parts come from."""
+    engine: Any
+    """The ``tx.Engine`` (mesh, plan, optimizer, precision, checkpoint, loggers)."""
+    model: Any
+    """What ``engine.init`` takes: a Linen module, or an NNX factory ``rngs -> module``."""
+    model_example: Any
+    """Linen only: the input ``module.init`` is traced with (``None`` for NNX)."""
+    source: DataSource
+    """The data."""
+    step: Any
+    """The training step (a ``tx.step_fn``)."""
+    eval_step: Callable[..., Any] | None
+    """The evaluation step, if configured."""
+    eval_summary: Callable[..., Any] | None
+    """Extra metrics from the averaged evaluation metrics, if configured."""
+
+    def init(self) -> Any:
+        """The sharded ``tx.TrainState`` (also ``engine.state``)."""
+        return self.engine.init(self.model, example=self.model_example, rng=self.config.train.seed)
+
+
+def _check_args(factory: Callable[..., Any], kwargs: Mapping[str, Any], key: str,
+                supplied: tuple[str, ...] = ()) -> None:
+    """Report an argument ``factory`` does not take, or one it needs and ``kwargs`` lacks, against
+    ``key``; ``supplied`` names arguments Titanax passes itself."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call speak
+        return
+    params = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items()
+             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in supplied]
+    for name in kwargs:
+        if name not in params and not takes_any:
+            raise ConfigError(f"{key}.{name} is not an argument of {_name(factory)}",
+                              suggestion=f"its arguments: {', '.join(named) or 'none'}{did_you_mean(name, named)}")
+    try:
+        signature.bind(**kwargs, **{name: None for name in supplied})
+    except TypeError as error:
+        raise ConfigError(f"{_name(factory)} cannot be called with {key}: {error}",
+                          suggestion=f"add the missing value under {key}") from None
+
+
+def _name(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _takes(factory: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _model(cfg: RunConfig, example: Any) -> tuple[Any, Any]:
+    factory = import_object(cfg.model.factory, "model.factory")
+    if not callable(factory):
+        raise ConfigError(f"model.factory={cfg.model.factory!r} is not callable",
+                          suggestion="name a Flax module class or a function that returns a module")
+    args = dict(cfg.model.args)
+    if _takes(factory, "rngs"):  # NNX: Engine.init builds it directly sharded
+        _check_args(factory, args, "model.args", supplied=("rngs",))
+        return (lambda rngs: factory(**args, rngs=rngs)), None
+    _check_args(factory, args, "model.args")
+    module = factory(**args)
+    import flax.linen as nn
+    from flax import nnx
+
+    if isinstance(module, nnx.Module):
+        return module, None
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"model.factory={cfg.model.factory!r} returned {type(module).__name__}, not a Flax module",
+                          suggestion="return a flax.linen.Module, or take `rngs` and return an nnx.Module")
+    key = cfg.model.input
+    if key is None:
+        return module, example
+    if not isinstance(example, Mapping) or key not in example:
+        keys = list(example) if isinstance(example, Mapping) else []
+        raise ConfigError(f"model.input={key!r} is not a key of the data's batches",
+                          suggestion=f"use one of {keys}" if keys else "drop model.input: the batch is not a mapping")
+    return module, example[key]
+
+
+def _source(cfg: RunConfig) -> DataSource:
+    factory = import_object(cfg.data.factory, "data.factory")
+    for reserved in ("batch_size", "seed"):
+        if reserved in cfg.data.args:
+            where = "data.batch_size" if reserved == "batch_size" else "train.seed"
+            raise ConfigError(f"data.args.{reserved} is set by Titanax", suggestion=f"set {where} instead")
+    if not (_takes(factory, "batch_size") and _takes(factory, "seed")):
+        raise ConfigError(f"data.factory {_name(factory)} does not take batch_size and seed",
+                          suggestion="define it as def factory(..., *, batch_size: int, seed: int) -> tx.data.DataSource")
+    _check_args(factory, cfg.data.args, "data.args", supplied=("batch_size", "seed"))
+    source = factory(**cfg.data.args, batch_size=cfg.data.batch_size, seed=cfg.train.seed)
+    if not isinstance(source, DataSource):
+        raise ConfigError(f"data.factory {_name(factory)} returned {type(source).__name__}, not tx.data.DataSource",
+                          suggestion="return tx.data.DataSource(train=..., example=..., eval=...)")
+    return source
+
+
+def _step(path: str | None, key: str) -> Any:
+    if path is None:
+        return None
+    fn = import_object(path, key)
+    if not callable(fn):
+        raise ConfigError(f"{key}={path!r} is not callable", suggestion="name a function (state, batch) -> ...")
+    return fn
+
+
+def _check_batch(cfg: RunConfig, mesh: Any, plan: Any) -> None:
+    import jax
+
+    ways = math.prod(mesh.shape[a] for a in plan.batch_axes)
+    pp = plan.pipeline_parallel
+    dp = plan.data_parallel
+    per_step = ways * (pp.microbatches if pp else 1) * (dp.accumulate_steps if dp else 1)
+    size = cfg.data.batch_size
+    if size % per_step:
+        parts = [f"{ways} batch shards ({' x '.join(plan.batch_axes) or 'none'})"]
+        if pp:
+            parts.append(f"{pp.microbatches} pipeline microbatches")
+        if dp and dp.accumulate_steps > 1:
+            parts.append(f"{dp.accumulate_steps} accumulation steps")
+        lower = size - size % per_step
+        raise ConfigError(f"data.batch_size={size} does not divide into {' x '.join(parts)} = {per_step}",
+                          suggestion=f"use a multiple of {per_step}, e.g. data.batch_size={lower or per_step}")
+    processes = jax.process_count()
+    if size % processes:
+        raise ConfigError(f"data.batch_size={size} does not divide over {processes} processes",
+                          suggestion=f"use a multiple of {processes}")
+
+
+def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) -> Prepared:
+    """Build and check every part of a run without compiling or training.
+
+    Args:
+      cfg: the run configuration.
+      loggers: build ``cfg.logging``'s loggers (``titanax describe`` needs none).
+      checkpoint: build ``cfg.checkpoint`` (``titanax describe`` never writes one).
+
+    Returns:
+      The :class:`Prepared` parts.
+
+    Raises:
+      TitanaxError: any part cannot be built (``ConfigError`` for the configuration itself,
+        ``MeshError`` / ``PlanError`` for a mesh or plan that does not fit the devices).
+    """
+    from titanax.exec.engine import Engine
+
+    mesh = cfg.mesh.spec().build()
+    plan = cfg.plan.build()
+    plan.validate(mesh)
+    _check_batch(cfg, mesh, plan)
+    step = _step(cfg.train.step, "train.step")
+    eval_step = _step(cfg.train.eval_step, "train.eval_step")
+    eval_summary = _step(cfg.train.eval_summary, "train.eval_summary")
+    source = _source(cfg)
+    model, example = _model(cfg, source.example)
+    engine = Engine(
+        mesh=mesh, plan=plan, optimizer=cfg.optimizer.build(cfg.train.steps),
+        precision=cfg.precision.build(), checkpoint=cfg.checkpoint.build() if checkpoint else None,
+        loggers=cfg.logging.build() if loggers else (), log_every=cfg.logging.every,
+        flops_per_example=cfg.logging.flops_per_example, tokens_per_example=source.tokens_per_example,
+        peak_flops=cfg.logging.peak_flops)
+    return Prepared(config=cfg, engine=engine, model=model, model_example=example, source=source, step=step,
+                    eval_step=eval_step, eval_summary=eval_summary)
+
+
+def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, float]:
+    """Train the run a configuration describes (``titanax run``).
+
+    Args:
+      cfg: the run configuration.
+      echo: where process 0's summary lines go.
+
+    Returns:
+      The final evaluation metrics (``eval/...``) if ``train.eval_step`` is set, plus ``step``.
+    """
+    import jax
+
+    run = prepare(cfg)
+    say = echo if jax.process_index() == 0 else (lambda _line: None)
+    engine = run.engine
+    state = run.init()
+    if run.source.description:
+        say(run.source.description)
+    say(f"mesh {dict(engine.mesh.shape)} over {jax.device_count()} devices in {jax.process_count()} "
+        f"process{'es' if jax.process_count() > 1 else ''}; plan {cfg.plan.build()!r}")
+    has_eval = run.eval_step is not None and run.source.eval is not None
+    state = engine.fit(run.step, run.source.train_batches(), steps=cfg.train.steps,
+                       eval_step=run.eval_step if has_eval else None,
+                       eval_data=run.source.eval if has_eval else None,
+                       eval_every=cfg.train.eval_every, eval_summary=run.eval_summary)
+    result: dict[str, float] = {"step": float(jax.device_get(state.step))}
+    if has_eval:
+        final = engine.evaluate(run.eval_step, state, run.source.eval, summary=run.eval_summary)
+        result.update(final)
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in final.items())
+        say(f"held-out after step {int(result['step'])}: {shown}")
+    return result
