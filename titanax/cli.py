@@ -62,6 +62,8 @@ def _start(config: str, overrides: list[str] | None, cpu_devices: int | None, *,
     import titanax as tx
     from titanax import config as txconfig
 
+    if os.getcwd() not in sys.path:  # import paths in the config resolve from here, as with `python -m`
+        sys.path.insert(0, os.getcwd())
     cfg = txconfig.load(config, overrides or [])
     count = cpu_devices
     if count is None and "TITANAX_CPU_DEVICES" not in os.environ and default_devices is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import sys
+import os
 from typing import Any
 
 from titanax.exceptions import ConfigError
@@ -63,7 +63,7 @@ def _import_module(name: str, key: str, path: str) -> Any:
             raise ConfigError(
                 f"{key}={path!r}: module {missing!r} cannot be found",
                 suggestion="check the spelling, install the package, or run from the folder that holds "
-                f"it (the current folder is on the import path: {sys.path[0] or '.'!r})") from None
+                f"it (the current folder, {os.getcwd()}, is on the import path)") from None
         raise ConfigError(f"{key}={path!r}: importing {name} needs module {missing!r}, which is not installed",
                           suggestion=f"pip install the package that provides {missing}") from None
     except Exception as error:  # the user's module itself is broken

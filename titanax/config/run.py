@@ -202,7 +202,8 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, f
       echo: where process 0's summary lines go.
 
     Returns:
-      The final evaluation metrics (``eval/...``) if ``train.eval_step`` is set, plus ``step``.
+      ``step`` (the last one), the final evaluation metrics (``eval/...``) when ``train.eval_step``
+      is set, and those before training (``first/eval/...``) with ``train.eval_at_start``.
     """
     import jax
 
@@ -212,17 +213,26 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, f
     state = run.init()
     if run.source.description:
         say(run.source.description)
-    say(f"mesh {dict(engine.mesh.shape)} over {jax.device_count()} devices in {jax.process_count()} "
-        f"process{'es' if jax.process_count() > 1 else ''}; plan {cfg.plan.build()!r}")
+    say(f"mesh {', '.join(f'{a}={n}' for a, n in engine.mesh.shape.items())} over {jax.device_count()} "
+        f"devices in {jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; plan: "
+        + "; ".join(line.strip() for line in engine.plan.describe().splitlines()[1:]))
     has_eval = run.eval_step is not None and run.source.eval is not None
+    result: dict[str, float] = {}
+    if has_eval and cfg.train.eval_at_start and int(jax.device_get(state.step)) == 0:
+        first = engine.evaluate(run.eval_step, state, run.source.eval, summary=run.eval_summary)
+        result.update({f"first/{k}": v for k, v in first.items()})
+        say(f"held-out before training: {_metrics_line(first)}")
     state = engine.fit(run.step, run.source.train_batches(), steps=cfg.train.steps,
                        eval_step=run.eval_step if has_eval else None,
                        eval_data=run.source.eval if has_eval else None,
                        eval_every=cfg.train.eval_every, eval_summary=run.eval_summary)
-    result: dict[str, float] = {"step": float(jax.device_get(state.step))}
+    result["step"] = float(jax.device_get(state.step))
     if has_eval:
         final = engine.evaluate(run.eval_step, state, run.source.eval, summary=run.eval_summary)
         result.update(final)
-        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in final.items())
-        say(f"held-out after step {int(result['step'])}: {shown}")
+        say(f"held-out after step {int(result['step'])}: {_metrics_line(final)}")
     return result
+
+
+def _metrics_line(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in sorted(metrics.items()))

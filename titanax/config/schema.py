@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from titanax.exceptions import ConfigError
+from titanax.exceptions import ConfigError, TitanaxError
 
 __all__ = [
     "MeshConfig", "DataParallelConfig", "FSDPConfig", "TensorParallelConfig", "PipelineParallelConfig",
@@ -217,18 +217,25 @@ class OptimizerConfig:
 
         from titanax import optim
 
-        if self.schedule == "constant":
-            lr = optim.constant(self.lr)
-        else:
-            lr = getattr(optim, self.schedule)(self.lr, warmup_steps=self.warmup_steps,
-                                               total_steps=total_steps, end_value=self.end_lr)
         factory = getattr(optim, self.name)
         accepted = list(inspect.signature(factory).parameters)[1:]
         for key in self.args:
             if key not in accepted:
                 raise ConfigError(f"optimizer.args.{key} is not an argument of tx.optim.{self.name}",
                                   suggestion=f"use one of {', '.join(accepted)}{did_you_mean(key, accepted)}")
-        return factory(lr, **self.args)
+        try:
+            if self.schedule == "constant":
+                lr = optim.constant(self.lr)
+            else:
+                lr = getattr(optim, self.schedule)(self.lr, warmup_steps=self.warmup_steps,
+                                                   total_steps=total_steps, end_value=self.end_lr)
+            return factory(lr, **self.args)
+        except TitanaxError as error:  # name the keys, not the factory's arguments
+            def keys(text: str) -> str:
+                return text.replace("total_steps", "train.steps").replace("warmup_steps", "optimizer.warmup_steps")
+
+            raise ConfigError(f"optimizer: {keys(error.message)}",
+                              suggestion=keys(error.suggestion or "")) from None
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -317,6 +324,8 @@ class TrainConfig:
     """Optimizer steps to train (a resumed run stops at the same step)."""
     eval_every: Optional[int] = None
     """Steps between evaluations (``None``: only at the end); a multiple of ``logging.every``."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step (to report how far training moved the held-out loss)."""
     seed: int = 0
     """Seed of the initialization, the per-step PRNG and the data order."""
 
