@@ -728,3 +728,176 @@ def test_device_helpers():
     assert runtime.devices() == jax.devices()
     assert runtime.local_devices() == jax.local_devices()
     assert runtime.process_index() == 0 and runtime.process_count() == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# resolve_cluster: torchrun / Kubeflow PyTorchJob and Kubernetes Indexed Job
+# --------------------------------------------------------------------------------------------------
+
+TORCHRUN = {"WORLD_SIZE": "4", "RANK": "2", "MASTER_ADDR": "master-0", "MASTER_PORT": "29500"}
+
+
+def test_resolve_torchrun():
+    assert resolve_cluster(TORCHRUN) == ClusterSpec("master-0:29500", 4, 2, None, "torchrun")
+    env = {k: v for k, v in TORCHRUN.items() if k != "MASTER_PORT"}
+    assert resolve_cluster(env).coordinator_address == f"master-0:{DEFAULT_COORDINATOR_PORT}"
+    # Titanax's own port variable beats the launcher's (as it beats SLURM's derived port).
+    assert resolve_cluster({**TORCHRUN, "TITANAX_COORDINATOR_PORT": "7000"}).coordinator_address == (
+        "master-0:7000"
+    )
+    assert resolve_cluster({**TORCHRUN, "MASTER_ADDR": "10.0.0.9:555"}).coordinator_address == (
+        "10.0.0.9:555"
+    )
+
+
+def test_resolve_torchrun_local_rank_picks_one_device_only_when_sharing_a_node():
+    shared = {**TORCHRUN, "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert resolve_cluster(shared).local_device_ids == (1,)
+    # One process per node (a PyTorchJob pod per node) drives all of the node's devices.
+    alone = {**TORCHRUN, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    assert resolve_cluster(alone).local_device_ids is None
+    assert resolve_cluster({**TORCHRUN, "LOCAL_RANK": "0"}).local_device_ids is None
+    spec = resolve_cluster({**shared, "TITANAX_LOCAL_DEVICE_IDS": "0,1"})
+    assert spec.local_device_ids == (0, 1) and spec.source == "torchrun+env:TITANAX"
+
+
+def test_resolve_torchrun_needs_world_size_and_rank():
+    assert resolve_cluster({"WORLD_SIZE": "4", "MASTER_ADDR": "m"}) is None  # too generic alone
+    assert resolve_cluster({"RANK": "1", "MASTER_ADDR": "m"}) is None
+
+
+def test_resolve_torchrun_priority():
+    spec = resolve_cluster({**TORCHRUN, **SLURM})
+    assert (spec.num_processes, spec.process_id, spec.source) == (4, 2, "slurm")
+    env = {**TORCHRUN, "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5"}
+    spec = resolve_cluster(env)
+    assert (spec.num_processes, spec.process_id, spec.coordinator_address) == (8, 5, "master-0:29500")
+    assert spec.source == "openmpi+torchrun"
+    spec = resolve_cluster({**TORCHRUN, "TITANAX_COORDINATOR_ADDRESS": "head:1", "TITANAX_PROCESS_ID": "3"})
+    assert (spec.process_id, spec.coordinator_address, spec.source) == (3, "head:1", "torchrun+env:TITANAX")
+    spec = resolve_cluster({**TORCHRUN, "JOB_COMPLETION_INDEX": "0"})
+    assert (spec.process_id, spec.source) == (2, "torchrun")
+
+
+def test_resolve_torchrun_single_process_needs_no_master():
+    spec = resolve_cluster({"WORLD_SIZE": "1", "RANK": "0"})
+    assert spec == ClusterSpec(None, 1, 0, None, "torchrun")
+
+
+@pytest.mark.parametrize(
+    "env, culprits",
+    [
+        ({**TORCHRUN, "MASTER_ADDR": ""}, ["MASTER_ADDR"]),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, ["MASTER_ADDR"]),
+        ({**TORCHRUN, "WORLD_SIZE": "four"}, ["WORLD_SIZE", "'four'"]),
+        ({**TORCHRUN, "RANK": "x"}, ["RANK", "'x'"]),
+        ({**TORCHRUN, "RANK": "4"}, ["process_id=4", "RANK", "WORLD_SIZE"]),
+        ({**TORCHRUN, "MASTER_PORT": "p"}, ["MASTER_PORT", "'p'"]),
+        ({**TORCHRUN, "LOCAL_RANK": "a", "LOCAL_WORLD_SIZE": "2"}, ["LOCAL_RANK", "'a'"]),
+        ({**TORCHRUN, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "many"}, ["LOCAL_WORLD_SIZE"]),
+    ],
+)
+def test_resolve_torchrun_errors(env, culprits):
+    _raises(DistributedError, *culprits, fn=resolve_cluster, env=env)
+
+
+K8S = {"TITANAX_NUM_PROCESSES": "4", "TITANAX_COORDINATOR_ADDRESS": "job-0.svc:1234"}
+
+
+def test_resolve_kubernetes_indexed_job():
+    spec = resolve_cluster({**K8S, "JOB_COMPLETION_INDEX": "3"})
+    assert spec == ClusterSpec("job-0.svc:1234", 4, 3, None, "env:TITANAX+kubernetes")
+    # An explicit id (or TITANAX_PROCESS_ID) still wins.
+    assert resolve_cluster({**K8S, "JOB_COMPLETION_INDEX": "3"}, process_id=1).process_id == 1
+    assert resolve_cluster({**K8S, "JOB_COMPLETION_INDEX": "3", "TITANAX_PROCESS_ID": "0"}).process_id == 0
+    spec = resolve_cluster({"JOB_COMPLETION_INDEX": "2"}, num_processes=3, coordinator_address="h:1")
+    assert (spec.process_id, spec.source) == (2, "explicit+kubernetes")
+
+
+def test_resolve_kubernetes_index_alone_is_not_a_cluster():
+    # An indexed job of independent single-process runs: every pod has an index, nothing else.
+    assert resolve_cluster({"JOB_COMPLETION_INDEX": "5"}) is None
+    assert resolve_cluster({"JOB_COMPLETION_INDEX": "garbage"}) is None
+
+
+@pytest.mark.parametrize(
+    "index, culprits",
+    [("x", ["JOB_COMPLETION_INDEX", "'x'"]), ("4", ["process_id=4", "JOB_COMPLETION_INDEX"])],
+)
+def test_resolve_kubernetes_errors(index, culprits):
+    _raises(DistributedError, *culprits, fn=resolve_cluster, env={**K8S, "JOB_COMPLETION_INDEX": index})
+
+
+# --------------------------------------------------------------------------------------------------
+# initialize(): TITANAX_CPU_DEVICES (set by `titanax launch --cpu-devices-per-proc`)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_launch(clean_init):
+    for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+              "JOB_COMPLETION_INDEX", "TITANAX_CPU_DEVICES"):
+        clean_init.delenv(k, raising=False)
+    return clean_init
+
+
+def test_initialize_cpu_devices_before_jax_distributed(clean_launch):
+    events = []
+    clean_launch.setattr(dist._simulate, "simulate_cpu_devices", lambda n: events.append(("simulate", n)))
+    clean_launch.setattr(dist, "_use_gloo_cpu_collectives", lambda: events.append(("gloo",)))
+    clean_launch.setattr(jax.distributed, "initialize", lambda **kw: events.append(("init", kw["process_id"])))
+    clean_launch.setattr(jax, "process_index", lambda: 1)
+    clean_launch.setattr(jax, "process_count", lambda: 2)
+    clean_launch.setenv("TITANAX_CPU_DEVICES", "4")
+    clean_launch.setenv("TITANAX_NUM_PROCESSES", "2")
+    clean_launch.setenv("TITANAX_PROCESS_ID", "1")
+    clean_launch.setenv("TITANAX_COORDINATOR_ADDRESS", "localhost:1234")
+    info = initialize()
+    assert events == [("simulate", 4), ("gloo",), ("init", 1)]
+    assert (info.process_id, info.num_processes, info.source) == (1, 2, "env:TITANAX")
+    assert initialize() is info and len(events) == 3  # a repeat call changes nothing
+
+
+def test_initialize_cpu_devices_single_process_uses_the_real_simulator(clean_launch):
+    _forbid_jax_distributed(clean_launch)
+    gloo = []
+    clean_launch.setattr(dist, "_use_gloo_cpu_collectives", lambda: gloo.append(1))
+    clean_launch.setenv("TITANAX_CPU_DEVICES", str(jax.device_count()))  # what the tests already have
+    info = initialize()
+    assert info.global_device_count == jax.device_count() and gloo == []
+    dist._reset_for_tests()
+    clean_launch.setenv("TITANAX_CPU_DEVICES", "3")  # JAX already runs with 8: too late to change
+    err = _raises(DistributedError, "TITANAX_CPU_DEVICES=3", fn=initialize)
+    assert isinstance(err.__cause__, MeshError)
+    assert dist._INITIALIZED is None
+
+
+@pytest.mark.parametrize("value, culprit", [("four", "'four'"), ("0", "=0"), ("-2", "=-2")])
+def test_initialize_cpu_devices_malformed(clean_launch, value, culprit):
+    _forbid_jax_distributed(clean_launch)
+    clean_launch.setattr(dist._simulate, "simulate_cpu_devices", lambda n: pytest.fail("applied"))
+    clean_launch.setenv("TITANAX_CPU_DEVICES", value)
+    _raises(DistributedError, "TITANAX_CPU_DEVICES", culprit, fn=initialize)
+
+
+def test_initialize_gloo_for_multiprocess_cpu_without_simulation(clean_launch):
+    events = []
+    clean_launch.setattr(dist, "_use_gloo_cpu_collectives", lambda: events.append("gloo"))
+    clean_launch.setattr(jax.distributed, "initialize", lambda **kw: events.append("init"))
+    clean_launch.setattr(jax, "process_index", lambda: 0)
+    clean_launch.setattr(jax, "process_count", lambda: 2)
+    initialize(coordinator_address="h:1", num_processes=2, process_id=0)  # the tests run on CPU
+    assert events == ["gloo", "init"]
+
+
+def test_use_gloo_cpu_collectives(monkeypatch):
+    updates = []
+    monkeypatch.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+    dist._use_gloo_cpu_collectives()
+    assert updates == [("jax_cpu_collectives_implementation", "gloo")]
+
+    def missing(name, value):
+        raise AttributeError(f"Unrecognized config option: {name}")
+
+    monkeypatch.setattr(jax.config, "update", missing)
+    dist._use_gloo_cpu_collectives()  # a jax without the option: silently nothing to do

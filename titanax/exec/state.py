@@ -17,7 +17,7 @@ from titanax.exec.precision import LossScale, Precision, scale_cotangent
 from titanax.optim import as_optimizer
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel
-from titanax.parallel.sharding import path_string
+from titanax.parallel.sharding import path_string, place
 
 __all__ = ["TrainState", "create_train_state"]
 
@@ -189,13 +189,14 @@ def create_train_state(
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     replicated = _replicated(mesh)
     loss_scale = precision.initial_loss_scale()
+    step, key, loss_scale = place((jnp.zeros((), jnp.int32), key, loss_scale), replicated)
     return TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        step=step,
         params=params,
         opt_state=opt_state,
-        rng=jax.device_put(key, replicated),
+        rng=key,
         model_state=model.model_state,
-        loss_scale=None if loss_scale is None else jax.device_put(loss_scale, replicated),
+        loss_scale=loss_scale,
         grad_accum=None,
         apply_fn=model.apply_with_state,
         optimizer=optimizer,

@@ -16,7 +16,7 @@ from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel, tracing_context
 from titanax.parallel.annotations import tree_leaves, unboxed_structure
-from titanax.parallel.sharding import Leaf, layout_tree, path_string
+from titanax.parallel.sharding import Leaf, layout_tree, path_string, place
 
 __all__ = ["LinenShardedModel", "shard_linen"]
 
@@ -123,7 +123,7 @@ def shard_linen(
     layout = layout_tree(leaves, rules, mesh)
     shardings = jax.tree.unflatten(treedef, layout.shardings)
     if given is not None:
-        variables = jax.device_put(nn.unbox(given), shardings)
+        variables = place(nn.unbox(given), shardings)
     else:
         with tracing_context(rules, mesh):
             variables = jax.jit(lambda key, *a: nn.unbox(init(key, *a)), out_shardings=shardings)(

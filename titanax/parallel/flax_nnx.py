@@ -17,7 +17,7 @@ from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel, tracing_context
 from titanax.parallel.annotations import tree_leaves
-from titanax.parallel.sharding import layout_tree
+from titanax.parallel.sharding import layout_tree, place
 
 __all__ = ["NNXShardedModel", "shard_nnx"]
 
@@ -116,7 +116,7 @@ def shard_nnx(model: Any, plan: Plan | None, rules: Rules, mesh: Mesh, *, rng: A
         module = model
         if params is not None:
             nnx.update(module, params)
-        nnx.update(module, jax.device_put(nnx.state(module), state_shardings))
+        nnx.update(module, place(nnx.state(module), state_shardings))
     else:
         def create() -> Any:
             built_module = _call_factory(model, rng)

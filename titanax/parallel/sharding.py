@@ -21,7 +21,26 @@ from titanax.exceptions import ShardingError, TitanaxWarning
 from titanax.parallel.rules import LogicalNames, Rules, divisible_axes, pad_names
 from titanax.profiling.units import human_bytes
 
-__all__ = ["Leaf", "ParamLayout", "Layout", "layout_tree", "path_string"]
+__all__ = ["Leaf", "ParamLayout", "Layout", "layout_tree", "path_string", "place"]
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also works when a sharding spans several processes.
+
+    ``device_put`` only reaches this process's devices; a jitted identity with ``out_shardings``
+    lets every process contribute its shards of the same (replicated) host values.
+
+    Args:
+      tree: arrays (every process passes the same values).
+      shardings: a sharding, or a matching tree of them.
+
+    Returns:
+      ``tree`` laid out by ``shardings``.
+    """
+    leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    if all(s.is_fully_addressable for s in leaves):
+        return jax.device_put(tree, shardings)
+    return jax.jit(lambda t: t, out_shardings=shardings)(tree)
 
 
 def path_string(path: Sequence[Any]) -> str:

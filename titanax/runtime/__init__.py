@@ -9,6 +9,7 @@ Example:
 """
 
 from titanax.runtime.distributed import (
+    CPU_DEVICES_VAR,
     DEFAULT_COORDINATOR_PORT,
     ClusterSpec,
     DistributedInfo,
@@ -25,6 +26,7 @@ from titanax.runtime.process_groups import AxisNames, ProcessGroups
 from titanax.runtime.simulate import simulate_cpu_devices
 
 __all__ = [
+    "CPU_DEVICES_VAR",
     "DEFAULT_COORDINATOR_PORT",
     "AxisNames",
     "ClusterSpec",

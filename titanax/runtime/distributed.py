@@ -1,9 +1,10 @@
 """Multi-process start-up: find the cluster settings, then call ``jax.distributed.initialize`` once.
 
 The settings are resolved by a pure function, :func:`resolve_cluster`, from explicit arguments and
-environment variables, so every launcher (plain ``TITANAX_*`` variables, ``JAX_*`` variables, SLURM,
-Open MPI) is unit-testable without starting anything. :func:`initialize` applies the result; a single
-process is a no-op that never touches ``jax.distributed``.
+environment variables, so every launcher (plain ``TITANAX_*`` variables as ``titanax launch`` sets them,
+``JAX_*`` variables, SLURM, Open MPI, torchrun / Kubeflow, Kubernetes Indexed Jobs) is unit-testable
+without starting anything. :func:`initialize` applies the result; a single process is a no-op that
+never touches ``jax.distributed``.
 
 Resolution order, field by field (the first source that sets a field wins):
 
@@ -14,11 +15,24 @@ Resolution order, field by field (the first source that sets a field wins):
 4. SLURM: ``SLURM_NTASKS``, ``SLURM_PROCID``, coordinator = first host of ``SLURM_STEP_NODELIST``
    (or ``SLURM_JOB_NODELIST``);
 5. Open MPI: ``OMPI_COMM_WORLD_SIZE``, ``OMPI_COMM_WORLD_RANK`` (no coordinator: Open MPI does not
-   say where rank 0 runs, so ``TITANAX_COORDINATOR_ADDRESS`` must be set).
+   say where rank 0 runs, so ``TITANAX_COORDINATOR_ADDRESS`` must be set);
+6. torchrun / Kubeflow PyTorchJob (used when ``WORLD_SIZE`` and ``RANK`` are both set):
+   ``WORLD_SIZE``, ``RANK``, coordinator ``MASTER_ADDR`` with port ``MASTER_PORT``; when
+   ``LOCAL_WORLD_SIZE`` > 1 (several processes per node), ``LOCAL_RANK`` picks this process's one
+   local device, as JAX itself does under SLURM;
+7. Kubernetes Indexed Job / JobSet: ``JOB_COMPLETION_INDEX`` is the process id, used only when a
+   higher source (normally ``TITANAX_NUM_PROCESSES`` and ``TITANAX_COORDINATOR_ADDRESS`` in the pod
+   template) gives the number of processes; a lone ``JOB_COMPLETION_INDEX`` leaves a single-process
+   run alone.
 
 A coordinator address without a port gets ``TITANAX_COORDINATOR_PORT`` (or ``JAX_COORDINATOR_PORT``);
-failing that, under SLURM a port derived from ``SLURM_JOB_ID`` (as JAX does, so two jobs sharing a
-node do not collide), else :data:`DEFAULT_COORDINATOR_PORT`.
+failing that, torchrun's ``MASTER_ADDR`` gets ``MASTER_PORT`` and SLURM's first host a port derived
+from ``SLURM_JOB_ID`` (as JAX does, so two jobs sharing a node do not collide); anything else gets
+:data:`DEFAULT_COORDINATOR_PORT`.
+
+``TITANAX_CPU_DEVICES=K`` (set by ``titanax.launch.launch(..., cpu_devices_per_proc=K)``) makes
+:func:`initialize` present ``K`` simulated CPU devices in this process
+(:func:`~titanax.runtime.simulate_cpu_devices`) and use gloo for cross-process CPU collectives.
 """
 
 from __future__ import annotations
@@ -32,10 +46,12 @@ from typing import Any
 
 import jax
 
-from titanax.exceptions import DistributedError
+from titanax.exceptions import DistributedError, MeshError
+from titanax.runtime import simulate as _simulate
 
 __all__ = [
     "DEFAULT_COORDINATOR_PORT",
+    "CPU_DEVICES_VAR",
     "ClusterSpec",
     "DistributedInfo",
     "resolve_cluster",
@@ -49,6 +65,9 @@ __all__ = [
 
 DEFAULT_COORDINATOR_PORT = 12355
 """Coordinator port used when neither a port variable nor a SLURM job id provides one."""
+
+CPU_DEVICES_VAR = "TITANAX_CPU_DEVICES"
+"""Environment variable asking :func:`initialize` for that many simulated CPU devices per process."""
 
 # Same ephemeral window JAX's own SLURM detection uses: every rank derives the same port from the job
 # id, and concurrent jobs on one node rarely collide.
@@ -76,8 +95,9 @@ class ClusterSpec:
     local_device_ids: tuple[int, ...] | None = None
     """Local devices this process drives; ``None`` leaves the choice to JAX."""
     source: str = "explicit"
-    """Where the settings came from, e.g. ``"explicit"``, ``"env:TITANAX"``, ``"slurm"``,
-    ``"openmpi"``; several joined by ``+`` when fields came from different places."""
+    """Where the settings came from, e.g. ``"explicit"``, ``"env:TITANAX"``, ``"env:JAX"``,
+    ``"slurm"``, ``"openmpi"``, ``"torchrun"``, ``"kubernetes"``; several joined by ``+`` when fields
+    came from different places."""
 
     @property
     def is_multiprocess(self) -> bool:
@@ -268,8 +288,11 @@ def _first_env(env: Mapping[str, str], names: Sequence[str]) -> tuple[str, str] 
     return None
 
 
-def _port(env: Mapping[str, str]) -> int:
-    found = _first_env(env, ("TITANAX_COORDINATOR_PORT", "JAX_COORDINATOR_PORT"))
+def _port(env: Mapping[str, str], launcher_ports: Sequence[str] = ()) -> int:
+    """The coordinator port: ``TITANAX_``/``JAX_COORDINATOR_PORT``, then the launcher's own port
+    variables (``launcher_ports``, e.g. ``MASTER_PORT``), then one derived from ``SLURM_JOB_ID``, then
+    the default."""
+    found = _first_env(env, ("TITANAX_COORDINATOR_PORT", "JAX_COORDINATOR_PORT", *launcher_ports))
     if found is not None:
         name, text = found
         port = _parse_int(name, text)
@@ -301,6 +324,36 @@ def _slurm_coordinator(env: Mapping[str, str]) -> str:
         )
     name, text = found
     return f"{parse_slurm_nodelist(text, variable=name)[0]}:{_port(env)}"
+
+
+def _torchrun_coordinator(env: Mapping[str, str]) -> str:
+    address = _env_value(env, "MASTER_ADDR")
+    if address is None:
+        raise DistributedError(
+            "WORLD_SIZE and RANK are set (torchrun / Kubeflow PyTorchJob) but MASTER_ADDR, the host "
+            "of rank 0, is not",
+            suggestion="launch with torchrun or a PyTorchJob (both set MASTER_ADDR), or set "
+            "TITANAX_COORDINATOR_ADDRESS=<host of process 0>:<port>",
+        )
+    if _has_port(address):
+        return address
+    return f"{address}:{_port(env, ('MASTER_PORT',))}"
+
+
+def _torchrun_shares_node(env: Mapping[str, str]) -> bool:
+    """Whether torchrun runs several processes on this node (``LOCAL_WORLD_SIZE`` > 1, or malformed:
+    then reading it names the variable), so that ``LOCAL_RANK`` should pick this process's device."""
+    size = _env_value(env, "LOCAL_WORLD_SIZE")
+    if size is None or _env_value(env, "LOCAL_RANK") is None:
+        return False
+    return not (size.isdigit() and int(size) <= 1)
+
+
+def _torchrun_local_device_ids(env: Mapping[str, str]) -> tuple[int, ...]:
+    # Several processes per node (torchrun --nproc-per-node N): each drives the device matching its
+    # local rank, as JAX arranges under SLURM and Open MPI. One process per node keeps all devices.
+    _parse_int("LOCAL_WORLD_SIZE", env["LOCAL_WORLD_SIZE"].strip())
+    return (_parse_int("LOCAL_RANK", env["LOCAL_RANK"].strip()),)
 
 
 def _layers(env: Mapping[str, str], explicit: Mapping[str, Any]) -> list[dict[str, _Setting]]:
@@ -361,6 +414,42 @@ def _layers(env: Mapping[str, str], explicit: Mapping[str, Any]) -> list[dict[st
                 lambda t=text: _parse_int("OMPI_COMM_WORLD_RANK", t),
             )
         layers.append(layer)
+
+    # torchrun and Kubeflow's PyTorchJob. WORLD_SIZE alone is too generic a name to act on.
+    if _env_value(env, "WORLD_SIZE") is not None and _env_value(env, "RANK") is not None:
+        layer = {
+            "num_processes": _Setting(
+                "WORLD_SIZE",
+                "torchrun",
+                lambda: _parse_int("WORLD_SIZE", env["WORLD_SIZE"].strip()),
+            ),
+            "process_id": _Setting(
+                "RANK", "torchrun", lambda: _parse_int("RANK", env["RANK"].strip())
+            ),
+            "coordinator_address": _Setting(
+                "MASTER_ADDR", "torchrun", lambda: _torchrun_coordinator(env)
+            ),
+        }
+        if _torchrun_shares_node(env):
+            layer["local_device_ids"] = _Setting(
+                "LOCAL_RANK", "torchrun", lambda: _torchrun_local_device_ids(env)
+            )
+        layers.append(layer)
+
+    # Kubernetes Indexed Job / JobSet: every pod gets JOB_COMPLETION_INDEX, nothing else. It is the
+    # process id only when something above says how many processes there are; otherwise an indexed
+    # job of independent single-process runs would be mistaken for a broken cluster.
+    text = _env_value(env, "JOB_COMPLETION_INDEX")
+    if text is not None and any("num_processes" in earlier for earlier in layers):
+        layers.append(
+            {
+                "process_id": _Setting(
+                    "JOB_COMPLETION_INDEX",
+                    "kubernetes",
+                    lambda t=text: _parse_int("JOB_COMPLETION_INDEX", t),
+                )
+            }
+        )
     return layers
 
 
@@ -375,7 +464,8 @@ def resolve_cluster(
     """Works out the multi-process settings from explicit values and an environment, starting nothing.
 
     Each field takes the first source that sets it, in the order explicit arguments, ``TITANAX_*``,
-    ``JAX_*``, SLURM, Open MPI (see the module docstring).
+    ``JAX_*``, SLURM, Open MPI, torchrun / Kubeflow (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``),
+    Kubernetes Indexed Job (``JOB_COMPLETION_INDEX``) (see the module docstring).
 
     Args:
       env: the environment to read (``os.environ`` in real use, a dict in tests).
@@ -470,8 +560,10 @@ def resolve_cluster(
         )
 
     address: str | None = None
+    # A launcher-derived coordinator (SLURM's nodelist, torchrun's MASTER_ADDR) means nothing to a
+    # single process, and a malformed one must not stop it.
     if "coordinator_address" in chosen and (
-        n > 1 or chosen["coordinator_address"].source != "slurm"
+        n > 1 or chosen["coordinator_address"].source not in ("slurm", "torchrun")
     ):
         address = str(chosen["coordinator_address"].get()).strip()
         if not address:
@@ -544,6 +636,50 @@ def _info(spec: ClusterSpec | None, source: str) -> DistributedInfo:
     )
 
 
+def _cpu_devices_request(env: Mapping[str, str]) -> int | None:
+    """The device count ``TITANAX_CPU_DEVICES`` asks for, or None when it is unset."""
+    text = _env_value(env, CPU_DEVICES_VAR)
+    if text is None:
+        return None
+    count = _parse_int(CPU_DEVICES_VAR, text)
+    if count < 1:
+        raise DistributedError(
+            f"{CPU_DEVICES_VAR}={count} must be at least 1",
+            suggestion=f"set {CPU_DEVICES_VAR} to the number of CPU devices each process should "
+            f"simulate (e.g. {CPU_DEVICES_VAR}=4), or unset it to use the real devices",
+        )
+    return count
+
+
+def _simulate_cpu_devices(count: int) -> None:
+    try:
+        _simulate.simulate_cpu_devices(count)
+    except MeshError as e:
+        raise DistributedError(
+            f"{CPU_DEVICES_VAR}={count} cannot be applied: {e.message}",
+            suggestion="call titanax initialize() first thing in the program, before any JAX "
+            f"computation, or unset {CPU_DEVICES_VAR}",
+        ) from e
+
+
+def _cpu_only() -> bool:
+    platforms = getattr(jax.config, "jax_platforms", None) or os.environ.get("JAX_PLATFORMS", "")
+    return str(platforms).strip().lower() == "cpu"
+
+
+def _use_gloo_cpu_collectives() -> None:
+    """Cross-process collectives on the CPU backend need an implementation; gloo ships with jaxlib.
+
+    It is already the default of jax 0.10.2 and 0.12; setting it guards against an environment that
+    turned it off. An explicit ``"mpi"`` is the user's choice and is kept.
+    """
+    try:
+        if getattr(jax.config, "jax_cpu_collectives_implementation", None) != "mpi":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # a jax without the option: nothing to choose
+        pass
+
+
 def _conflicts(
     spec: ClusterSpec | None, info: DistributedInfo, recorded: ClusterSpec | None
 ) -> list[str]:
@@ -592,6 +728,12 @@ def initialize(
     process one device (the one matching its local rank). For one process per node driving every
     GPU, pass ``local_device_ids`` or set ``TITANAX_LOCAL_DEVICE_IDS=0,1,...``.
 
+    ``TITANAX_CPU_DEVICES=K`` (set by ``titanax.launch.launch(..., cpu_devices_per_proc=K)``)
+    first makes this process simulate ``K`` CPU devices
+    (:func:`~titanax.runtime.simulate_cpu_devices`) and, for a multi-process run, selects gloo for
+    collectives between the processes' CPU devices (also done for any multi-process run with
+    ``JAX_PLATFORMS=cpu``).
+
     Args:
       coordinator_address: ``host:port`` of process 0.
       num_processes: total number of processes.
@@ -603,12 +745,13 @@ def initialize(
       A :class:`DistributedInfo` describing the processes and devices.
 
     Raises:
-      DistributedError: incomplete or contradictory settings, a second call asking for a different
-        setup, or ``jax.distributed.initialize`` failing (the JAX error is chained).
+      DistributedError: incomplete or contradictory settings, a malformed ``TITANAX_CPU_DEVICES``
+        or one that comes after JAX started, a second call asking for a different setup, or
+        ``jax.distributed.initialize`` failing (the JAX error is chained).
 
     Example:
       >>> import titanax as tx
-      >>> info = tx.runtime.initialize()     # reads TITANAX_*/JAX_*/SLURM/Open MPI variables
+      >>> info = tx.runtime.initialize()   # reads TITANAX_*/JAX_*/SLURM/Open MPI/torchrun/k8s variables
       >>> info.num_processes
       1
     """
@@ -638,6 +781,13 @@ def initialize(
                 "a different cluster layout needs a fresh process",
             )
         return info
+
+    cpu_devices = _cpu_devices_request(os.environ)
+    if cpu_devices is not None:
+        # Before anything below starts the JAX backend (jax.process_index() does).
+        _simulate_cpu_devices(cpu_devices)
+    if spec is not None and spec.is_multiprocess and (cpu_devices is not None or _cpu_only()):
+        _use_gloo_cpu_collectives()
 
     if _jax_distributed_is_initialized():
         # Someone called jax.distributed.initialize directly; adopt it if it agrees with the request.

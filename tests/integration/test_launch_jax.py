@@ -1,0 +1,94 @@
+"""`titanax.launch.launch` with real JAX: 2 processes x 2 simulated CPU devices form one 4-device
+job (TITANAX_CPU_DEVICES + gloo collectives), and a process that dies leaves no peer hanging in a
+collective."""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import re
+import sys
+import threading
+import time
+
+from titanax.launch import launch
+
+ROOT = pathlib.Path(__file__).parents[2]
+
+# Each process feeds its own rows of a global (4,) array; a shard_map psum over all 4 devices
+# (2 per process) needs cross-process CPU collectives: 1 + 1 + 2 + 2 = 6 everywhere.
+SCRIPT = """
+import titanax as tx
+info = tx.runtime.initialize()
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((4,), ("data",))
+local = np.full((2,), jax.process_index() + 1, np.float32)
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local, global_shape=(4,))
+total = jax.jit(jax.shard_map(lambda b: jax.lax.psum(b, "data"), mesh=mesh,
+                              in_specs=P("data"), out_specs=P()))(x)
+print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(),
+      jax.local_device_count(), float(np.asarray(total.addressable_data(0))[0]), info.source, flush=True)
+"""
+
+# Process 1 dies abruptly right after joining (os._exit, as a crash or the OOM killer would: a plain
+# sys.exit would wait in JAX's shutdown barrier for process 0); process 0 then waits in a collective
+# for it, and only the launcher can end the job before XLA's timeouts do.
+DIES = """
+import os
+import titanax as tx
+info = tx.runtime.initialize()
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+if info.process_id == 1:
+    print("EXITING", flush=True)
+    os._exit(3)
+mesh = jax.make_mesh((4,), ("data",))
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.ones(2, np.float32), (4,))
+print("WAITING", flush=True)
+jax.block_until_ready(jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x))
+print("UNREACHABLE", flush=True)
+"""
+
+
+class _Buffer(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            return super().write(text)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def test_two_processes_two_cpu_devices_each():
+    out = _Buffer()
+    rc = launch([sys.executable, "-c", SCRIPT], nprocs=2, cpu_devices_per_proc=2, env=_env(),
+                stdout=out, grace_s=5)
+    text = out.getvalue()
+    assert rc == 0, text[-6000:]
+    results = sorted(line.split()[1:] for line in text.splitlines() if " RESULT " in line)
+    assert results == [["RESULT", "0", "2", "4", "2", "6.0", "env:TITANAX"],
+                       ["RESULT", "1", "2", "4", "2", "6.0", "env:TITANAX"]], text[-6000:]
+    assert all(line.startswith(f"[p{line.split()[2]}] ") for line in text.splitlines()
+               if " RESULT " in line)
+
+
+def test_dead_peer_does_not_leave_the_other_hanging():
+    out = _Buffer()
+    start = time.monotonic()
+    rc = launch([sys.executable, "-c", DIES], nprocs=2, cpu_devices_per_proc=2, env=_env(),
+                stdout=out, grace_s=2)
+    elapsed = time.monotonic() - start
+    text = out.getvalue()
+    assert rc == 3, text[-6000:]
+    assert re.search(r"titanax launch: process 1 \(pid \d+\) failed with exit code 3", text), text[-6000:]
+    assert "UNREACHABLE" not in text
+    assert elapsed < 25, elapsed  # well before the 30 s gloo / collective timeouts
