@@ -66,7 +66,7 @@ class RunDescription:
         lines.append(f"  parameters        {human_bytes(self.param_bytes):>12}   "
                      f"({human_count(self.parameter_count)} parameters in all)")
         lines.append(f"  optimizer state   {human_bytes(self.optimizer_bytes):>12}")
-        lines.append(f"  params + optimizer{human_bytes(self.param_bytes + self.optimizer_bytes):>13}")
+        lines.append(f"  params + optimizer{human_bytes(self.param_bytes + self.optimizer_bytes):>12}")
         if s.temp_bytes is not None:
             lines.append(f"  activations/temp  {human_bytes(s.temp_bytes):>12}   (XLA temporaries of one step)")
         if s.argument_bytes is not None:

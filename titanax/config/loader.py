@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, read_write
 from omegaconf import errors as oc_errors
 
-from titanax.config.schema import RunConfig
+from titanax.config.schema import PlanConfig, RunConfig
 from titanax.exceptions import ConfigError, TitanaxError
 
 __all__ = ["load", "from_dict"]
@@ -50,12 +50,12 @@ def load(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> 
     where = str(path) if path is not None else "the command line"
     layers = [] if path is None else [_read(str(path))]
     layers.append(_overrides(overrides))
-    return _merge(layers, where)
+    return _merge(layers, where, overrides)
 
 
 def from_dict(values: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """Like :func:`load`, from a mapping already in memory (a notebook, a test)."""
-    return _merge([OmegaConf.create(values), _overrides(overrides)], "the given mapping")
+    return _merge([OmegaConf.create(values), _overrides(overrides)], "the given mapping", overrides)
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -89,27 +89,47 @@ def _overrides(assignments: Sequence[str]) -> Any:
         if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
             raise ConfigError(f"--set {assignment!r} is not key=value",
                               suggestion="write a dotted key and a YAML value, e.g. --set optimizer.lr=1e-3")
-    try:
-        return OmegaConf.from_dotlist(list(assignments))
-    except oc_errors.OmegaConfBaseException as error:
-        raise ConfigError(f"--set overrides cannot be parsed: {_first_line(error)}",
-                          suggestion="quote values with spaces: --set 'data.args.paths=[a b]'") from None
+    layer = OmegaConf.create()
+    for assignment in assignments:  # one at a time, to name the one that is not YAML
+        try:
+            layer = OmegaConf.merge(layer, OmegaConf.from_dotlist([assignment]))
+        except (oc_errors.OmegaConfBaseException, yaml.YAMLError) as error:
+            problem = getattr(error, "problem", None) or _first_line(error)
+            raise ConfigError(f"--set {assignment!r} cannot be parsed: {problem}",
+                              suggestion="the value is YAML: close the brackets and quotes, and quote values "
+                              "with spaces: --set 'data.args.paths=[a, b]'") from None
+    return layer
 
 
 # ------------------------------------------------------------------------------------- merging
-def _merge(layers: list[Any], where: str) -> RunConfig:
-    schema = OmegaConf.structured(RunConfig)
+def _merge(layers: list[Any], where: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """``layers`` (the file, then the ``--set`` overrides) merged over the schema's defaults."""
+    schema = _schema(layers[:-1])
     try:
         merged = OmegaConf.merge(schema, *layers)
         return OmegaConf.to_object(merged)
     except TitanaxError as error:  # a section's own __post_init__ check
         raise type(error)(f"{where}: {error.message}", suggestion=error.suggestion) from None
-    except oc_errors.OmegaConfBaseException as error:
-        raise _translate(error, layers, where) from None
+    except (oc_errors.OmegaConfBaseException, TypeError) as error:  # TypeError: a list where a mapping goes
+        raise _translate(error, layers, where, overrides) from None
 
 
-def _translate(error: Exception, layers: list[Any], where: str) -> ConfigError:
+def _schema(files: list[Any]) -> Any:
+    """The defaults. The default plan (data parallel over ``data``) stands for a missing plan
+    section only: a file that writes ``plan:`` gets exactly the parts it names, not those plus a
+    ``data_parallel`` it never asked for (``--set plan...`` still adds to the default)."""
+    schema = OmegaConf.structured(RunConfig)
+    if any("plan" in layer for layer in files):
+        with read_write(schema):
+            schema.plan = PlanConfig()
+    return schema
+
+
+def _translate(error: Exception, layers: list[Any], where: str, overrides: Sequence[str] = ()) -> ConfigError:
     key = getattr(error, "full_key", None) or _locate(layers)
+    if key and len(layers) > 1 and _value_at(layers[-1:], key) is not _ABSENT:
+        # the culprit came from the command line, not from the file
+        where = "--set " + next((a for a in overrides if a.partition("=")[0].strip() == key), key)
     if isinstance(error, oc_errors.ConfigKeyError) and key:
         return _unknown_key(key, where)
     if isinstance(error, oc_errors.MissingMandatoryValue) and key:
@@ -154,7 +174,7 @@ def _locate(layers: list[Any]) -> str | None:
         for name in OmegaConf.to_container(layer, resolve=False) or {}:
             try:
                 OmegaConf.merge(schema, {name: layer[name]})
-            except oc_errors.OmegaConfBaseException as error:
+            except (oc_errors.OmegaConfBaseException, TypeError) as error:
                 inner = getattr(error, "full_key", None)
                 if inner:
                     return inner
@@ -168,7 +188,7 @@ def _deepest_failure(schema: Any, layer: Any, name: str) -> str:
         for sub in value:
             try:
                 OmegaConf.merge(schema, {name: {sub: value[sub]}})
-            except oc_errors.OmegaConfBaseException:
+            except (oc_errors.OmegaConfBaseException, TypeError):
                 return f"{name}.{sub}"
     return name
 

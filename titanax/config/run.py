@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from titanax.config.imports import import_object
 from titanax.config.schema import RunConfig, did_you_mean
 from titanax.data.source import DataSource
-from titanax.exceptions import ConfigError
+from titanax.exceptions import ConfigError, TitanaxError
 
 __all__ = ["Prepared", "prepare", "train"]
 
@@ -35,7 +36,7 @@ class Prepared:
     source: DataSource
     """The data."""
     step: Any
-    """The training step (a ``tx.step_fn``)."""
+    """The training step: a ``tx.step_fn`` (a plain function named by ``train.step`` is wrapped)."""
     eval_step: Callable[..., Any] | None
     """The evaluation step, if configured."""
     eval_summary: Callable[..., Any] | None
@@ -158,6 +159,37 @@ def _check_batch(cfg: RunConfig, mesh: Any, plan: Any) -> None:
                           suggestion=f"use a multiple of {processes}")
 
 
+_PARTS = {"DP": "data_parallel", "FSDP": "fsdp", "TP": "tensor_parallel", "PP": "pipeline_parallel"}
+
+
+def _config_words(text: str, section: str) -> str:
+    """Python spellings in a mesh/plan/precision error, in the configuration's keys:
+    ``DP(axis='batch')`` -> ``plan.data_parallel.axis='batch'``, ``MeshSpec shape (4, 4)`` ->
+    ``mesh.shape [4, 4]``, ``data_parallel=tx.DP(axis='t')`` -> ``plan.data_parallel: {axis: 't'}``;
+    ``section`` is the one the error came from (``compute=`` is ``precision.compute=`` only there)."""
+    text = re.sub(r"\b(\w+)=tx\.(?:DP|FSDP|TP|PP)\((\w+)=([^()]*)\)", r"plan.\1: {\2: \3}", text)
+    text = re.sub(r"\b(?:tx\.)?(DP|FSDP|TP|PP)\((\w+)=([^()]*)\)",
+                  lambda m: f"plan.{_PARTS[m[1]]}.{m[2]}={m[3]}", text)
+    text = re.sub(r"\b(DP|FSDP|TP|PP)\b(?= and | both)", lambda m: f"plan.{_PARTS[m[1]]}", text)
+    text = re.sub(r"^rule \(", "plan.rules entry (", text)
+    text = re.sub(r"\bPrecision\((\w+)=([^()]*)\)", r"precision.\1=\2", text)
+    text = re.sub(r"\bMeshSpec (shape|axes)=?\s*\(([^()]*)\)", r"mesh.\1 [\2]", text)
+    text = re.sub(r"\bMeshSpec\(axes=\(([^()]*)\)\)", r"mesh.axes=[\1]", text)
+    text = re.sub(r"\bshape=\(([^()]*)\)", r"mesh.shape=[\1]", text)
+    if section == "precision":
+        text = re.sub(r"(?<![.\w])(params|compute|loss_scale)=", r"precision.\1=", text)
+    return text.replace("to the MeshSpec", "to mesh.axes").replace("in the MeshSpec", "in mesh.shape")
+
+
+def _keyed(error: TitanaxError, section: str) -> TitanaxError:
+    """``error`` (from building the mesh, plan or precision) reworded to name configuration keys."""
+    message = _config_words(error.message, section)
+    if f"{section}." not in message:
+        message = f"{section}: {message}"
+    suggestion = _config_words(error.suggestion, section) if error.suggestion else None
+    return type(error)(message, suggestion=suggestion)
+
+
 def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) -> Prepared:
     """Build and check every part of a run without compiling or training.
 
@@ -175,18 +207,32 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
     """
     from titanax.exec.engine import Engine
 
-    mesh = cfg.mesh.spec().build()
-    plan = cfg.plan.build()
-    plan.validate(mesh)
+    try:
+        mesh = cfg.mesh.spec().build()
+    except TitanaxError as error:
+        raise _keyed(error, "mesh") from error
+    try:
+        plan = cfg.plan.build()
+        plan.validate(mesh)
+    except TitanaxError as error:
+        raise _keyed(error, "plan") from error
+    try:
+        precision = cfg.precision.build()
+    except TitanaxError as error:
+        raise _keyed(error, "precision") from error
     _check_batch(cfg, mesh, plan)
+    from titanax.exec.step import StepFunction, step_fn
+
     step = _step(cfg.train.step, "train.step")
+    if not isinstance(step, StepFunction):  # a plain (state, batch) function, as Engine.fit takes it
+        step = step_fn(step)
     eval_step = _step(cfg.train.eval_step, "train.eval_step")
     eval_summary = _step(cfg.train.eval_summary, "train.eval_summary")
     source = _source(cfg)
     model, example = _model(cfg, source.example)
     engine = Engine(
         mesh=mesh, plan=plan, optimizer=cfg.optimizer.build(cfg.train.steps),
-        precision=cfg.precision.build(), checkpoint=cfg.checkpoint.build() if checkpoint else None,
+        precision=precision, checkpoint=cfg.checkpoint.build() if checkpoint else None,
         loggers=cfg.logging.build() if loggers else (), log_every=cfg.logging.every,
         flops_per_example=cfg.logging.flops_per_example, tokens_per_example=source.tokens_per_example,
         peak_flops=cfg.logging.peak_flops)

@@ -356,7 +356,8 @@ class RunConfig:
     """The device mesh."""
     plan: PlanConfig = dataclasses.field(
         default_factory=lambda: PlanConfig(data_parallel=DataParallelConfig()))
-    """The parallelism plan (default: data parallel over ``data``)."""
+    """The parallelism plan (default, when the file has no ``plan`` section: data parallel over
+    ``data``; a ``plan`` section holds exactly the parts it names)."""
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     """Optimizer and learning-rate schedule."""
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
