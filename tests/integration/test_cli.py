@@ -26,7 +26,6 @@ from typer.testing import CliRunner
 from titanax.cli import EXIT_CONFIG_ERROR, app
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures"
 
 # A whole, valid run (the MNIST example's modules); each case below breaks one thing in it.
 BASE: dict[str, Any] = {
@@ -267,22 +266,12 @@ def test_command_help_lists_every_option(cli, command):
 V, T, L, D, F, TENSOR = 50304, 1024, 12, 768, 3072, 4
 
 
-def gpt_small_config() -> pathlib.Path:
-    """The example config once it is in the run-config schema; until then the same run from tests/fixtures."""
-    example = REPO / "examples" / "configs" / "gpt_small_dp2_tp4.yaml"
-    if example.exists():
-        raw = yaml.safe_load(example.read_text()) or {}
-        if isinstance(raw.get("model"), dict) and "factory" in raw["model"]:
-            return example
-    return FIXTURES / "gpt_small_dp2_tp4.yaml"
-
-
 @pytest.fixture(scope="module")
 def gpt_small():
     from titanax.config import load
     from titanax.config.describe import describe_run
 
-    cfg = load(gpt_small_config())
+    cfg = load(REPO / "examples" / "configs" / "gpt_small_dp2_tp4.yaml")
     started = time.perf_counter()
     description = describe_run(cfg)
     return description, time.perf_counter() - started
