@@ -12,7 +12,6 @@ Shapes in names: B batch, T sequence, D embed, H heads, K per-head width, F MLP 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -194,24 +193,28 @@ class GPT(nnx.Module):
                             ("batch", None, "vocab"))
 
 
-def gpt(preset: str = "tiny", *, rngs: nnx.Rngs, **overrides: Any) -> GPT:
+def gpt(preset: str = "tiny", *, rngs: nnx.Rngs, vocab_size: int | None = None, max_seq_len: int | None = None,
+        num_layers: int | None = None, num_heads: int | None = None, embed_dim: int | None = None,
+        mlp_dim: int | None = None, attention: str | None = None, unroll_layers: int | bool | None = None) -> GPT:
     """The run-config model factory (``model: {factory: examples.gpt_small_tp.model:gpt, args: ...}``).
+
+    Every ``GPTConfig`` field is a named argument, so a misspelled ``model.args`` key fails when the
+    configuration is checked (``titanax run``, ``titanax describe``), before anything is built.
 
     Args:
       preset: a key of :data:`CONFIGS` (``tiny``, ``small``).
       rngs: the initialization keys (Titanax passes them).
-      **overrides: ``GPTConfig`` fields to change, e.g. ``num_layers=4``.
+      vocab_size, max_seq_len, num_layers, num_heads, embed_dim, mlp_dim, attention, unroll_layers:
+        ``GPTConfig`` fields to change (``None``: the preset's value), e.g. ``num_layers=4``.
 
     Returns:
       The model.
     """
     if preset not in CONFIGS:
         raise tx.TitanaxError(f"model preset {preset!r} is unknown", suggestion=f"use one of {list(CONFIGS)}")
-    fields = [f.name for f in dataclasses.fields(GPTConfig)]
-    for name in overrides:
-        if name not in fields:
-            raise tx.TitanaxError(f"model.args.{name} is not a GPTConfig field", suggestion=f"valid: {', '.join(fields)}")
-    return GPT(dataclasses.replace(CONFIGS[preset], **overrides), rngs=rngs)
+    given = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "num_layers": num_layers, "num_heads": num_heads,
+             "embed_dim": embed_dim, "mlp_dim": mlp_dim, "attention": attention, "unroll_layers": unroll_layers}
+    return GPT(dataclasses.replace(CONFIGS[preset], **{k: v for k, v in given.items() if v is not None}), rngs=rngs)
 
 
 def next_token_loss(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:

@@ -175,7 +175,7 @@ def load_dataset(
       ((1437, 8, 8, 1), (360, 8, 8, 1))
     """
     if data_dir is not None:
-        return _load_mnist(os.fspath(data_dir))
+        return _load_mnist(os.path.expanduser(os.fspath(data_dir)))
     if not 0.0 < test_fraction < 1.0:
         raise TitanaxError(
             f"test_fraction={test_fraction!r} must be between 0 and 1",
