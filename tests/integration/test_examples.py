@@ -33,10 +33,10 @@ def test_shard_layout_example_runs_and_matches_one_device():
 # XLA's CPU runtime (jax 0.10 - 0.12) sometimes never starts one simulated device's part of a
 # collective on the first step after a host sync: the other seven wait in the rendezvous forever
 # (see docs/troubleshooting.md). It is not Titanax's doing (a plain jitted DP step shows it too) and
-# no flag avoids it, so the main job runs with XLA's stuck-collective abort at 90 s and is rerun
+# no flag avoids it, so the main job runs with XLA's stuck-collective abort at 45 s and is rerun
 # when, and only when, that abort is what ended it.
-STUCK_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=90 "
-               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=30")
+STUCK_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=45 "
+               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=20")
 
 
 def run_simulated(*args: str, attempts: int = 3) -> subprocess.CompletedProcess:
