@@ -380,52 +380,29 @@ def _layers(env: Mapping[str, str], explicit: Mapping[str, Any]) -> list[dict[st
                 layer[field] = _Setting(name, source, lambda n=name, t=text, p=parse: p(n, t))
         layers.append(layer)
 
+    def int_setting(name: str, source: str) -> _Setting:
+        return _Setting(name, source, lambda: _parse_int(name, env[name].strip()))
+
     if _env_value(env, "SLURM_NTASKS") is not None:
         layer = {
-            "num_processes": _Setting(
-                "SLURM_NTASKS",
-                "slurm",
-                lambda: _parse_int("SLURM_NTASKS", env["SLURM_NTASKS"].strip()),
-            ),
-            "coordinator_address": _Setting(
-                "SLURM nodelist", "slurm", lambda: _slurm_coordinator(env)
-            ),
+            "num_processes": int_setting("SLURM_NTASKS", "slurm"),
+            "coordinator_address": _Setting("SLURM nodelist", "slurm", lambda: _slurm_coordinator(env)),
         }
-        text = _env_value(env, "SLURM_PROCID")
-        if text is not None:
-            layer["process_id"] = _Setting(
-                "SLURM_PROCID", "slurm", lambda t=text: _parse_int("SLURM_PROCID", t)
-            )
+        if _env_value(env, "SLURM_PROCID") is not None:
+            layer["process_id"] = int_setting("SLURM_PROCID", "slurm")
         layers.append(layer)
 
     if _env_value(env, "OMPI_COMM_WORLD_SIZE") is not None:
-        layer = {
-            "num_processes": _Setting(
-                "OMPI_COMM_WORLD_SIZE",
-                "openmpi",
-                lambda: _parse_int("OMPI_COMM_WORLD_SIZE", env["OMPI_COMM_WORLD_SIZE"].strip()),
-            )
-        }
-        text = _env_value(env, "OMPI_COMM_WORLD_RANK")
-        if text is not None:
-            layer["process_id"] = _Setting(
-                "OMPI_COMM_WORLD_RANK",
-                "openmpi",
-                lambda t=text: _parse_int("OMPI_COMM_WORLD_RANK", t),
-            )
+        layer = {"num_processes": int_setting("OMPI_COMM_WORLD_SIZE", "openmpi")}
+        if _env_value(env, "OMPI_COMM_WORLD_RANK") is not None:
+            layer["process_id"] = int_setting("OMPI_COMM_WORLD_RANK", "openmpi")
         layers.append(layer)
 
     # torchrun and Kubeflow's PyTorchJob. WORLD_SIZE alone is too generic a name to act on.
     if _env_value(env, "WORLD_SIZE") is not None and _env_value(env, "RANK") is not None:
         layer = {
-            "num_processes": _Setting(
-                "WORLD_SIZE",
-                "torchrun",
-                lambda: _parse_int("WORLD_SIZE", env["WORLD_SIZE"].strip()),
-            ),
-            "process_id": _Setting(
-                "RANK", "torchrun", lambda: _parse_int("RANK", env["RANK"].strip())
-            ),
+            "num_processes": int_setting("WORLD_SIZE", "torchrun"),
+            "process_id": int_setting("RANK", "torchrun"),
             "coordinator_address": _Setting(
                 "MASTER_ADDR", "torchrun", lambda: _torchrun_coordinator(env)
             ),
@@ -439,17 +416,8 @@ def _layers(env: Mapping[str, str], explicit: Mapping[str, Any]) -> list[dict[st
     # Kubernetes Indexed Job / JobSet: every pod gets JOB_COMPLETION_INDEX, nothing else. It is the
     # process id only when something above says how many processes there are; otherwise an indexed
     # job of independent single-process runs would be mistaken for a broken cluster.
-    text = _env_value(env, "JOB_COMPLETION_INDEX")
-    if text is not None and any("num_processes" in earlier for earlier in layers):
-        layers.append(
-            {
-                "process_id": _Setting(
-                    "JOB_COMPLETION_INDEX",
-                    "kubernetes",
-                    lambda t=text: _parse_int("JOB_COMPLETION_INDEX", t),
-                )
-            }
-        )
+    if _env_value(env, "JOB_COMPLETION_INDEX") is not None and any("num_processes" in earlier for earlier in layers):
+        layers.append({"process_id": int_setting("JOB_COMPLETION_INDEX", "kubernetes")})
     return layers
 
 
