@@ -30,11 +30,10 @@ def test_shard_layout_example_runs_and_matches_one_device():
     assert "all layouts match the single-device forward" in out
 
 
-# XLA's CPU runtime (jax 0.10 - 0.12) sometimes never starts one simulated device's part of a
-# collective on the first step after a host sync: the other seven wait in the rendezvous forever
-# (see docs/troubleshooting.md). It is not Titanax's doing (a plain jitted DP step shows it too) and
-# no flag avoids it, so the main job runs with XLA's stuck-collective abort at 45 s and is rerun
-# when, and only when, that abort is what ended it.
+# Simulated CPU devices stalled in a collective when the host queued tens of steps on a busy
+# machine (docs/troubleshooting.md); tx.Engine now bounds the steps in flight, which removed it in
+# our trials. The main job still runs with XLA's stuck-collective abort at 45 s and is rerun when,
+# and only when, that abort ended it, so a rare stall costs a rerun instead of a 15-minute hang.
 STUCK_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=45 "
                "--xla_cpu_collective_call_warn_stuck_timeout_seconds=20")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import collections
 import contextlib
 import signal
 import sys
@@ -56,6 +57,7 @@ class Engine:
         tokens_per_example: int | None = None,
         peak_flops: float | None = None,
         prefetch: int = 2,
+        max_steps_in_flight: int = 4,
     ) -> None:
         """
         Args:
@@ -71,6 +73,10 @@ class Engine:
           tokens_per_example: tokens in one example (a sequence model's length), to log tokens/s.
           peak_flops: peak FLOP/s of one device for MFU; ``None`` looks the device kind up.
           prefetch: batches kept in flight to the devices.
+          max_steps_in_flight: steps dispatched ahead of the oldest unfinished one. JAX dispatches
+            asynchronously; a bounded queue keeps the host from running far ahead. On simulated CPU
+            devices an unbounded one can exhaust XLA's dispatch threads with steps waiting for
+            their inputs, so the step they wait for never runs (a stuck collective).
         """
         self.mesh = resolve_mesh(mesh)
         self.plan, self.rules = resolve_rules(plan, self.mesh)
@@ -86,6 +92,10 @@ class Engine:
         self.tokens_per_example = tokens_per_example
         self.peak_flops = peak_flops
         self.prefetch = prefetch
+        if not isinstance(max_steps_in_flight, int) or max_steps_in_flight < 1:
+            raise PlanError(f"Engine(max_steps_in_flight={max_steps_in_flight!r}) must be a positive integer",
+                            suggestion="use max_steps_in_flight=4")
+        self.max_steps_in_flight = max_steps_in_flight
         self.state: TrainState | None = None
 
     # ------------------------------------------------------------------------------------ init
@@ -186,6 +196,7 @@ class Engine:
               eval_summary: Any, hooks: Sequence[Hook], preempted: list[str]) -> TrainState:
         meter: ThroughputMeter | None = None
         pending: list[dict[str, jax.Array]] = []
+        in_flight: collections.deque[dict[str, jax.Array]] = collections.deque()
         current = start
         try:
             for batch in batches:
@@ -194,6 +205,9 @@ class Engine:
                 state, metrics = step(state, batch)
                 current += 1
                 pending.append(metrics)
+                in_flight.append(metrics)
+                if len(in_flight) > self.max_steps_in_flight:
+                    jax.block_until_ready(in_flight.popleft())
                 if current == start + 1:  # start the clock after compilation
                     jax.block_until_ready(metrics)
                     meter.update(current)
