@@ -30,25 +30,13 @@ def test_shard_layout_example_runs_and_matches_one_device():
     assert "all layouts match the single-device forward" in out
 
 
-# Simulated CPU devices stalled in a collective when the host queued tens of steps on a busy
-# machine (docs/troubleshooting.md); tx.Engine now bounds the steps in flight, which removed it in
-# our trials. The main job still runs with XLA's stuck-collective abort at 45 s and is rerun when,
-# and only when, that abort ended it, so a rare stall costs a rerun instead of a 15-minute hang.
-STUCK_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=45 "
-               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=20")
-
-
-def run_simulated(*args: str, attempts: int = 3) -> subprocess.CompletedProcess:
-    """``titanax ARGS...`` in a fresh interpreter, from the repository root (as the README runs it)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "TITANAX_CPU_DEVICES")}
-    env["XLA_FLAGS"] = STUCK_FLAGS
-    for _ in range(attempts):
-        result = subprocess.run([sys.executable, "-m", "titanax.cli", *args], capture_output=True, text=True,
-                                timeout=900, env=env, cwd=ROOT)
-        stuck = "may be stuck" in result.stderr and result.returncode != 0
-        if not stuck:
-            return result
-    return result
+def run_simulated(*args: str) -> subprocess.CompletedProcess:
+    """``titanax ARGS...`` in a fresh interpreter, from the repository root, in the environment of a
+    new shell: ``--cpu-devices`` alone must set up the simulated devices (XLA flags, thread pools)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "TITANAX_CPU_DEVICES", "PJRT_NPROC")}
+    return subprocess.run([sys.executable, "-m", "titanax.cli", *args], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=ROOT)
 
 
 def test_mnist_dp_main_job_reaches_95_percent_held_out():

@@ -901,3 +901,45 @@ def test_use_gloo_cpu_collectives(monkeypatch):
 
     monkeypatch.setattr(jax.config, "update", missing)
     dist._use_gloo_cpu_collectives()  # a jax without the option: silently nothing to do
+
+
+# --- simulated devices ----------------------------------------------------------------------------
+
+
+def test_simulation_environment_sizes_the_thread_pools_and_sets_the_collective_timeouts():
+    from titanax.runtime.simulate import CPU_COLLECTIVE_FLAGS, THREADS_PER_DEVICE, simulation_environment
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    simulation_environment(8, env)
+    assert env["PJRT_NPROC"] == str(max(os.cpu_count() or 1, THREADS_PER_DEVICE * 8))
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *CPU_COLLECTIVE_FLAGS]
+
+
+def test_simulation_environment_keeps_what_the_user_set():
+    from titanax.runtime.simulate import simulation_environment
+
+    mine = "--xla_cpu_collective_call_terminate_timeout_seconds=30"
+    env = {"PJRT_NPROC": "12", "XLA_FLAGS": mine}
+    simulation_environment(8, env)
+    assert env["PJRT_NPROC"] == "12"
+    assert env["XLA_FLAGS"].count("terminate_timeout") == 1 and mine in env["XLA_FLAGS"]
+    assert "--xla_cpu_collective_call_warn_stuck_timeout_seconds" in env["XLA_FLAGS"]
+
+
+def test_simulated_devices_get_enough_xla_threads_in_a_fresh_process():
+    # Whether the installed jaxlib honours PJRT_NPROC: with 8 devices its pools have 8 threads by
+    # default, which let a 1F1B x DP x TP step deadlock (titanax/runtime/simulate.py).
+    import subprocess
+    import sys
+
+    script = ("import collections, os\n"
+              "import titanax as tx\n"
+              "tx.simulate_cpu_devices(8)\n"
+              "import jax, jax.numpy as jnp\n"
+              "jax.jit(lambda x: x * 2)(jnp.ones(8)).block_until_ready()\n"
+              "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+              "print(names.count('tf_XLAEigen'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "PJRT_NPROC")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) >= 64, result.stdout

@@ -74,9 +74,8 @@ class Engine:
           peak_flops: peak FLOP/s of one device for MFU; ``None`` looks the device kind up.
           prefetch: batches kept in flight to the devices.
           max_steps_in_flight: steps dispatched ahead of the oldest unfinished one. JAX dispatches
-            asynchronously; a bounded queue keeps the host from running far ahead. On simulated CPU
-            devices an unbounded one can exhaust XLA's dispatch threads with steps waiting for
-            their inputs, so the step they wait for never runs (a stuck collective).
+            asynchronously; the bound keeps the host from running far ahead, holding the batches
+            and metrics of every queued step, and keeps the logged step times close to the work.
         """
         self.mesh = resolve_mesh(mesh)
         self.plan, self.rules = resolve_rules(plan, self.mesh)
