@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from titanax.exceptions import ConfigError
 
-__all__ = ["import_object"]
+__all__ = ["check_arguments", "import_object", "qualified_name"]
 
 
 def import_object(path: str, key: str) -> Any:
@@ -69,3 +71,48 @@ def _import_module(name: str, key: str, path: str) -> Any:
     except Exception as error:  # the user's module itself is broken
         raise ConfigError(f"{key}={path!r}: importing {name} failed with {type(error).__name__}: {error}",
                           suggestion=f"run python -c 'import {name}' to see the full error") from None
+
+
+def check_arguments(factory: Callable[..., Any], kwargs: Mapping[str, Any], key: str, *,
+                    supplied: tuple[str, ...] = (), name: str | None = None) -> None:
+    """Check, before calling it, that ``factory(**kwargs)`` fits the factory's signature.
+
+    Args:
+      factory: the callable a configuration names.
+      kwargs: the keyword arguments the configuration gives it.
+      key: the configuration key that holds ``kwargs`` (named in errors).
+      supplied: arguments Titanax passes itself (not expected in ``kwargs``).
+      name: how errors name ``factory``; its module and qualified name by default.
+
+    Raises:
+      ConfigError: an argument the factory does not take (with the closest one it does), or one it
+        needs that neither ``kwargs`` nor ``supplied`` gives.
+
+    Example:
+      >>> check_arguments(lambda *, width, depth=2: None, {"width": 8}, "model.args")
+    """
+    from titanax.config.schema import did_you_mean
+
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call speak
+        return
+    params = signature.parameters
+    name = name or qualified_name(factory)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items()
+             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in supplied]
+    for arg in kwargs:
+        if arg not in params and not takes_any:
+            raise ConfigError(f"{key}.{arg} is not an argument of {name}",
+                              suggestion=f"its arguments: {', '.join(named) or 'none'}{did_you_mean(arg, named)}")
+    try:
+        signature.bind(**kwargs, **{arg: None for arg in supplied})
+    except TypeError as error:
+        raise ConfigError(f"{name} cannot be called with {key}: {error}",
+                          suggestion=f"add the missing value under {key}") from None
+
+
+def qualified_name(obj: Any) -> str:
+    """``module.QualifiedName`` of a class or function, for messages."""
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"

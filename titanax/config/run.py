@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from titanax.config.imports import import_object
+from titanax.config.imports import check_arguments, import_object, qualified_name
 from titanax.config.schema import RunConfig, did_you_mean
 from titanax.data.source import DataSource
 from titanax.exceptions import ConfigError, TitanaxError
@@ -47,33 +47,6 @@ class Prepared:
         return self.engine.init(self.model, example=self.model_example, rng=self.config.train.seed)
 
 
-def _check_args(factory: Callable[..., Any], kwargs: Mapping[str, Any], key: str,
-                supplied: tuple[str, ...] = ()) -> None:
-    """Report an argument ``factory`` does not take, or one it needs and ``kwargs`` lacks, against
-    ``key``; ``supplied`` names arguments Titanax passes itself."""
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # a builtin without a signature: let the call speak
-        return
-    params = signature.parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    named = [n for n, p in params.items()
-             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in supplied]
-    for name in kwargs:
-        if name not in params and not takes_any:
-            raise ConfigError(f"{key}.{name} is not an argument of {_name(factory)}",
-                              suggestion=f"its arguments: {', '.join(named) or 'none'}{did_you_mean(name, named)}")
-    try:
-        signature.bind(**kwargs, **{name: None for name in supplied})
-    except TypeError as error:
-        raise ConfigError(f"{_name(factory)} cannot be called with {key}: {error}",
-                          suggestion=f"add the missing value under {key}") from None
-
-
-def _name(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
-
-
 def _takes(factory: Any, name: str) -> bool:
     try:
         return name in inspect.signature(factory).parameters
@@ -88,9 +61,9 @@ def _model(cfg: RunConfig, example: Any) -> tuple[Any, Any]:
                           suggestion="name a Flax module class or a function that returns a module")
     args = dict(cfg.model.args)
     if _takes(factory, "rngs"):  # NNX: Engine.init builds it directly sharded
-        _check_args(factory, args, "model.args", supplied=("rngs",))
+        check_arguments(factory, args, "model.args", supplied=("rngs",))
         return (lambda rngs: factory(**args, rngs=rngs)), None
-    _check_args(factory, args, "model.args")
+    check_arguments(factory, args, "model.args")
     module = factory(**args)
     import flax.linen as nn
     from flax import nnx
@@ -117,12 +90,12 @@ def _source(cfg: RunConfig) -> DataSource:
             where = "data.batch_size" if reserved == "batch_size" else "train.seed"
             raise ConfigError(f"data.args.{reserved} is set by Titanax", suggestion=f"set {where} instead")
     if not (_takes(factory, "batch_size") and _takes(factory, "seed")):
-        raise ConfigError(f"data.factory {_name(factory)} does not take batch_size and seed",
+        raise ConfigError(f"data.factory {qualified_name(factory)} does not take batch_size and seed",
                           suggestion="define it as def factory(..., *, batch_size: int, seed: int) -> tx.data.DataSource")
-    _check_args(factory, cfg.data.args, "data.args", supplied=("batch_size", "seed"))
+    check_arguments(factory, cfg.data.args, "data.args", supplied=("batch_size", "seed"))
     source = factory(**cfg.data.args, batch_size=cfg.data.batch_size, seed=cfg.train.seed)
     if not isinstance(source, DataSource):
-        raise ConfigError(f"data.factory {_name(factory)} returned {type(source).__name__}, not tx.data.DataSource",
+        raise ConfigError(f"data.factory {qualified_name(factory)} returned {type(source).__name__}, not tx.data.DataSource",
                           suggestion="return tx.data.DataSource(train=..., example=..., eval=...)")
     return source
 

@@ -213,16 +213,12 @@ class OptimizerConfig:
 
     def build(self, total_steps: int) -> Any:
         """The optax ``GradientTransformation`` for a run of ``total_steps``."""
-        import inspect
-
         from titanax import optim
+        from titanax.config.imports import check_arguments
 
         factory = getattr(optim, self.name)
-        accepted = list(inspect.signature(factory).parameters)[1:]
-        for key in self.args:
-            if key not in accepted:
-                raise ConfigError(f"optimizer.args.{key} is not an argument of tx.optim.{self.name}",
-                                  suggestion=f"use one of {', '.join(accepted)}{did_you_mean(key, accepted)}")
+        check_arguments(factory, self.args, "optimizer.args", supplied=("learning_rate",),
+                        name=f"tx.optim.{self.name}")
         try:
             if self.schedule == "constant":
                 lr = optim.constant(self.lr)
