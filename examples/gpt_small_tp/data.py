@@ -400,6 +400,7 @@ def text_source(paths: Sequence[str] | None = None, *, tokenizer: str | None = N
         eval=held_out,
         example={"tokens": np.zeros((batch_size, seq_len + 1), dtype)},
         tokens_per_example=seq_len,
+        vocab_size=tok.vocab_size,
         description=f"text from {'the Python standard library' if paths is None else ', '.join(map(str, paths))}, "
                     f"{type(tok).__name__} tokens (vocab {tok.vocab_size}), {seq_len} per sequence",
     )

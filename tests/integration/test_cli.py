@@ -118,6 +118,13 @@ CASES: dict[str, tuple[Callable[[dict], None] | str | None, tuple[str, ...], tup
     "set-wrong-type": (None, ("--set", "train.steps=abc"), ("--set train.steps=abc", "expected an integer")),
     "set-unparsable-value": (None, ("--set", "mesh.shape=[2,"), ("--set 'mesh.shape=[2,' cannot be parsed",)),
     "config-file-not-found": ("<missing>", (), ("cannot read config file", "does_not_exist.yaml")),
+    # byte tokens (257 ids) into a GPT with 200 embedding rows: JAX would clamp, not fail
+    "vocabulary-larger-than-embedding": (sections(
+        model={"factory": "examples.gpt_small_tp.model:gpt", "args": {"preset": "tiny", "vocab_size": 200}},
+        data={"factory": "examples.gpt_small_tp.data:text_source", "args": {"seq_len": 16}, "batch_size": 8},
+        train={"step": "examples.gpt_small_tp.steps:train_step", "steps": 2}), (),
+        ("token ids go up to 256", "wte/embedding [200, 64] has 200 entries on its 'vocab' axis",
+         "a vocabulary of at least 257")),
 }
 
 

@@ -100,6 +100,30 @@ def _source(cfg: RunConfig) -> DataSource:
     return source
 
 
+def _check_vocabulary(model: Any, source: DataSource) -> None:
+    """The token ids of ``source`` fit every parameter axis an NNX ``model`` (or factory) names
+    ``vocab``: the embedding's rows, the output head's columns."""
+    from flax import nnx
+
+    from titanax.parallel.annotations import tree_leaves
+
+    if source.vocab_size is None:
+        return
+    if not isinstance(model, nnx.Module):
+        if not (callable(model) and _takes(model, "rngs")):
+            return  # a Linen module: its parameters exist only once initialized
+        model = nnx.eval_shape(lambda: model(rngs=nnx.Rngs(0)))
+    for leaf in tree_leaves(nnx.state(model, nnx.Param)):
+        for size, name in zip(leaf.shape, leaf.names or ()):
+            if name == "vocab" and size < source.vocab_size:
+                raise ConfigError(
+                    f"the data's token ids go up to {source.vocab_size - 1} but the model's {leaf.path} "
+                    f"{list(leaf.shape)} has {size} entries on its 'vocab' axis",
+                    suggestion=f"give the model a vocabulary of at least {source.vocab_size} "
+                    "(e.g. model.args.vocab_size), or use a smaller tokenizer; JAX would not fail but "
+                    "silently clamp every larger id")
+
+
 def _step(path: str | None, key: str) -> Any:
     if path is None:
         return None
@@ -203,6 +227,7 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
     eval_summary = _step(cfg.train.eval_summary, "train.eval_summary")
     source = _source(cfg)
     model, example = _model(cfg, source.example)
+    _check_vocabulary(model, source)
     engine = Engine(
         mesh=mesh, plan=plan, optimizer=cfg.optimizer.build(cfg.train.steps),
         precision=precision, checkpoint=cfg.checkpoint.build() if checkpoint else None,

@@ -42,6 +42,10 @@ class DataSource:
     """Tokens in one example (sequence models), to log tokens/s."""
     description: str | None = None
     """One line printed at the start of a run (what the data is)."""
+    vocab_size: int | None = None
+    """Token ids in the batches lie in ``[0, vocab_size)`` (a tokenizer's vocabulary). ``titanax run``
+    then checks that every parameter axis an NNX model names ``vocab`` (embedding rows, output
+    columns) is at least this long: an id past the end does not fail in JAX, it is silently clamped."""
 
     def train_batches(self) -> Iterable[Any]:
         """The training iterable (calls ``train`` if it is a function)."""
