@@ -24,7 +24,7 @@ from titanax.config import (
     load,
 )
 from titanax.config.schema import OPTIMIZERS, SCHEDULES
-from titanax.exceptions import ConfigError
+from titanax.exceptions import ConfigError, TitanaxError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MINIMAL = {"model": {"factory": "pkg.mod:Model"}, "data": {"factory": "pkg.mod:data"},
@@ -278,12 +278,19 @@ def test_optimizer_unknown_argument():
     assert "(did you mean weight_decay?)" in excinfo.value.suggestion
 
 
-def test_optimizer_schedule_errors_name_config_keys():
-    with pytest.raises(ConfigError) as excinfo:
-        OptimizerConfig(schedule="warmup_cosine", warmup_steps=100).build(total_steps=50)
-    text = error_text(excinfo)
-    assert "optimizer.warmup_steps=100" in text and "train.steps=50" in text
-    assert "total_steps" not in text
+@pytest.mark.parametrize("optimizer,steps,names", [
+    ({"schedule": "warmup_cosine", "warmup_steps": 100}, 50, ("optimizer.warmup_steps=100", "train.steps=50")),
+    ({"schedule": "warmup_linear", "warmup_steps": 5, "lr": -1.0}, 50, ("optimizer.lr", "-1.0")),
+])
+def test_optimizer_schedule_errors_name_config_keys(optimizer, steps, names):
+    from titanax.config.run import _keyed
+
+    with pytest.raises(TitanaxError) as excinfo:
+        OptimizerConfig(**optimizer).build(total_steps=steps)
+    keyed = _keyed(excinfo.value, "optimizer")  # as prepare() raises it
+    text = f"{keyed.message}\n{keyed.suggestion}"
+    assert all(name in text for name in names), text
+    assert not any(word in text for word in ("total_steps", "peak_value", " warmup_steps")), text
 
 
 # ------------------------------------------------------------------------------------------ plan

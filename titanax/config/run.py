@@ -163,7 +163,8 @@ def _config_words(text: str, section: str) -> str:
     """Python spellings in a mesh/plan/precision error, in the configuration's keys:
     ``DP(axis='batch')`` -> ``plan.data_parallel.axis='batch'``, ``MeshSpec shape (4, 4)`` ->
     ``mesh.shape [4, 4]``, ``data_parallel=tx.DP(axis='t')`` -> ``plan.data_parallel: {axis: 't'}``;
-    ``section`` is the one the error came from (``compute=`` is ``precision.compute=`` only there)."""
+    ``section`` is the one the error came from (``compute=`` is ``precision.compute=`` only there,
+    ``total_steps`` is ``train.steps`` only in an optimizer's error)."""
     text = re.sub(r"\b(\w+)=tx\.(?:DP|FSDP|TP|PP)\((\w+)=([^()]*)\)", r"plan.\1: {\2: \3}", text)
     text = re.sub(r"\b(?:tx\.)?(DP|FSDP|TP|PP)\((\w+)=([^()]*)\)",
                   lambda m: f"plan.{_PARTS[m[1]]}.{m[2]}={m[3]}", text)
@@ -175,11 +176,17 @@ def _config_words(text: str, section: str) -> str:
     text = re.sub(r"\bshape=\(([^()]*)\)", r"mesh.shape=[\1]", text)
     if section == "precision":
         text = re.sub(r"(?<![.\w])(params|compute|loss_scale)=", r"precision.\1=", text)
+    if section == "optimizer":  # the schedule's arguments
+        text = re.sub(r"(?<![.\w])total_steps\b", "train.steps", text)
+        text = re.sub(r"(?<![.\w])warmup_steps\b", "optimizer.warmup_steps", text)
+        text = re.sub(r"(?<![.\w])peak_value\b", "optimizer.lr", text)
+        text = re.sub(r"(?<![.\w])end_value\b", "optimizer.end_lr", text)
     return text.replace("to the MeshSpec", "to mesh.axes").replace("in the MeshSpec", "in mesh.shape")
 
 
 def _keyed(error: TitanaxError, section: str) -> TitanaxError:
-    """``error`` (from building the mesh, plan or precision) reworded to name configuration keys."""
+    """``error`` (from building the mesh, plan, precision or optimizer) reworded to name
+    configuration keys."""
     message = _config_words(error.message, section)
     if f"{section}." not in message:
         message = f"{section}: {message}"
@@ -228,8 +235,12 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
     source = _source(cfg)
     model, example = _model(cfg, source.example)
     _check_vocabulary(model, source)
+    try:
+        optimizer = cfg.optimizer.build(cfg.train.steps)
+    except TitanaxError as error:
+        raise _keyed(error, "optimizer") from error
     engine = Engine(
-        mesh=mesh, plan=plan, optimizer=cfg.optimizer.build(cfg.train.steps),
+        mesh=mesh, plan=plan, optimizer=optimizer,
         precision=precision, checkpoint=cfg.checkpoint.build() if checkpoint else None,
         loggers=cfg.logging.build() if loggers else (), log_every=cfg.logging.every,
         flops_per_example=cfg.logging.flops_per_example, tokens_per_example=source.tokens_per_example,

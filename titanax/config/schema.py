@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from titanax.exceptions import ConfigError, TitanaxError
+from titanax.exceptions import ConfigError
 
 __all__ = [
     "MeshConfig", "DataParallelConfig", "FSDPConfig", "TensorParallelConfig", "PipelineParallelConfig",
@@ -219,19 +219,12 @@ class OptimizerConfig:
         factory = getattr(optim, self.name)
         check_arguments(factory, self.args, "optimizer.args", supplied=("learning_rate",),
                         name=f"tx.optim.{self.name}")
-        try:
-            if self.schedule == "constant":
-                lr = optim.constant(self.lr)
-            else:
-                lr = getattr(optim, self.schedule)(self.lr, warmup_steps=self.warmup_steps,
-                                                   total_steps=total_steps, end_value=self.end_lr)
-            return factory(lr, **self.args)
-        except TitanaxError as error:  # name the keys, not the factory's arguments
-            def keys(text: str) -> str:
-                return text.replace("total_steps", "train.steps").replace("warmup_steps", "optimizer.warmup_steps")
-
-            raise ConfigError(f"optimizer: {keys(error.message)}",
-                              suggestion=keys(error.suggestion or "")) from None
+        if self.schedule == "constant":
+            lr = optim.constant(self.lr)
+        else:
+            lr = getattr(optim, self.schedule)(self.lr, warmup_steps=self.warmup_steps,
+                                               total_steps=total_steps, end_value=self.end_lr)
+        return factory(lr, **self.args)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
