@@ -56,11 +56,32 @@ def _fail(error: BaseException, debug: bool) -> None:
     raise typer.Exit(EXIT_CONFIG_ERROR)
 
 
+def _warnings_as_lines() -> None:
+    """Print a ``TitanaxWarning`` as ``titanax: warning: ...``, like errors, without the source
+    line Python's format adds (it points into Titanax, not at the configuration)."""
+    import warnings
+
+    from titanax.exceptions import TitanaxWarning
+
+    python_format = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, TitanaxWarning):
+            typer.echo(f"titanax: warning: {message}", err=True)
+        else:
+            python_format(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def _start(config: str, overrides: list[str] | None, cpu_devices: int | None, *,
            default_devices: Any = None) -> Any:
     """Read the configuration, then start JAX: simulated devices first, then ``jax.distributed``."""
     import titanax as tx
     from titanax import config as txconfig
+
+    _warnings_as_lines()
 
     if os.getcwd() not in sys.path:  # import paths in the config resolve from here, as with `python -m`
         sys.path.insert(0, os.getcwd())
@@ -138,9 +159,9 @@ def launch(
         help="Seconds the other processes get to exit after one fails, before they are killed.")] = 10.0,
     debug: Debug = False,
 ) -> None:
-    """Start N local processes joined by jax.distributed (like torchrun).
+    """Start N local processes as one jax.distributed job.
 
-    Each process gets TITANAX_COORDINATOR_ADDRESS, TITANAX_NUM_PROCESSES and TITANAX_PROCESS_ID
+    Like torchrun --standalone: each process gets TITANAX_COORDINATOR_ADDRESS, TITANAX_NUM_PROCESSES and TITANAX_PROCESS_ID
     (read by titanax.runtime.initialize(), which `titanax run` calls). Output is streamed with a
     [pN] prefix. If one process fails, the others are stopped and its exit code is returned.
     """

@@ -8,9 +8,13 @@ import io
 import os
 import pathlib
 import re
+import signal
+import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from titanax.launch import launch
 
@@ -91,4 +95,48 @@ def test_dead_peer_does_not_leave_the_other_hanging():
     assert rc == 3, text[-6000:]
     assert re.search(r"titanax launch: process 1 \(pid \d+\) failed with exit code 3", text), text[-6000:]
     assert "UNREACHABLE" not in text
+    # The failure is also the last line, after whatever the stopped process printed when it died.
+    last = text.strip().splitlines()[-1]
+    assert re.fullmatch(r"titanax launch: stopped: process 1 \(pid \d+\) failed with exit code 3", last), last
     assert elapsed < 25, elapsed  # well before the 30 s gloo / collective timeouts
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:") and "Z" in line for line in status)
+    except FileNotFoundError:
+        return False
+
+
+def test_processes_die_with_a_sigkilled_launcher(tmp_path):
+    # The launcher cannot stop its processes when it is SIGKILLed itself; initialize() asked Linux to.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time, titanax as tx\ntx.runtime.initialize()\n"
+                      "print('READY', flush=True)\ntime.sleep(600)\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    launcher = subprocess.Popen([sys.executable, "-m", "titanax.cli", "launch", "--nprocs", "2",
+                                 "--cpu-devices-per-proc", "1", "--", sys.executable, str(script)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    pids, ready = [], 0
+    try:
+        for line in launcher.stdout:
+            if match := re.search(r"started process \d of 2 \(pid (\d+)\)", line):
+                pids.append(int(match[1]))
+            ready += "READY" in line
+            if ready == 2:
+                break
+        assert len(pids) == 2 and all(map(_alive, pids)), (pids, ready)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(map(_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, pids)), f"left running: {[p for p in pids if _alive(p)]}"
+    finally:
+        launcher.kill()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

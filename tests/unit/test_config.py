@@ -281,13 +281,14 @@ def test_optimizer_unknown_argument():
 @pytest.mark.parametrize("optimizer,steps,names", [
     ({"schedule": "warmup_cosine", "warmup_steps": 100}, 50, ("optimizer.warmup_steps=100", "train.steps=50")),
     ({"schedule": "warmup_linear", "warmup_steps": 5, "lr": -1.0}, 50, ("optimizer.lr", "-1.0")),
+    ({"args": {"moment_dtype": "bf16"}}, 50, ("optimizer.args.moment_dtype='bf16'", '"bfloat16"')),
 ])
 def test_optimizer_schedule_errors_name_config_keys(optimizer, steps, names):
     from titanax.config.run import _keyed
 
     with pytest.raises(TitanaxError) as excinfo:
         OptimizerConfig(**optimizer).build(total_steps=steps)
-    keyed = _keyed(excinfo.value, "optimizer")  # as prepare() raises it
+    keyed = _keyed(excinfo.value, "optimizer", optimizer.get("args"))  # as prepare() raises it
     text = f"{keyed.message}\n{keyed.suggestion}"
     assert all(name in text for name in names), text
     assert not any(word in text for word in ("total_steps", "peak_value", " warmup_steps")), text

@@ -79,7 +79,8 @@ class RunDescription:
                      f"{human_bytes(s.total_collective_bytes)} per device; a loop body counts once)")
         for kind, c in s.collectives.items():
             if c.count:
-                lines.append(f"  {kind:<20} {c.count:>4} x   {human_bytes(c.bytes):>12}")
+                lines.append(f"  {kind:<20} {c.count:>4} op{'s' if c.count > 1 else ' '}  "
+                             f"{human_bytes(c.bytes):>12} in all")
         if not s.total_collective_count:
             lines.append("  none")
         if s.flops is not None:

@@ -184,13 +184,19 @@ def _config_words(text: str, section: str) -> str:
     return text.replace("to the MeshSpec", "to mesh.axes").replace("in the MeshSpec", "in mesh.shape")
 
 
-def _keyed(error: TitanaxError, section: str) -> TitanaxError:
+def _keyed(error: TitanaxError, section: str, args: Mapping[str, Any] | None = None) -> TitanaxError:
     """``error`` (from building the mesh, plan, precision or optimizer) reworded to name
-    configuration keys."""
-    message = _config_words(error.message, section)
+    configuration keys; ``args`` are the section's ``args``, whose names become ``section.args.name``."""
+    def words(text: str) -> str:
+        text = _config_words(text, section)
+        for name in args or ():
+            text = re.sub(rf"(?<![.\w]){re.escape(name)}=", f"{section}.args.{name}=", text)
+        return text
+
+    message = words(error.message)
     if f"{section}." not in message:
         message = f"{section}: {message}"
-    suggestion = _config_words(error.suggestion, section) if error.suggestion else None
+    suggestion = words(error.suggestion) if error.suggestion else None
     return type(error)(message, suggestion=suggestion)
 
 
@@ -238,7 +244,7 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
     try:
         optimizer = cfg.optimizer.build(cfg.train.steps)
     except TitanaxError as error:
-        raise _keyed(error, "optimizer") from error
+        raise _keyed(error, "optimizer", cfg.optimizer.args) from error
     engine = Engine(
         mesh=mesh, plan=plan, optimizer=optimizer,
         precision=precision, checkpoint=cfg.checkpoint.build() if checkpoint else None,

@@ -29,9 +29,11 @@ from typing import IO, TextIO
 
 from titanax.exceptions import DistributedError
 
-__all__ = ["launch", "child_environment", "free_port", "exit_code"]
+__all__ = ["launch", "child_environment", "free_port", "exit_code", "follow_launcher"]
 
 _PREFIX = "titanax launch:"
+LAUNCHER_PID_VAR = "TITANAX_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _FORCE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 _POLL_S = 0.05
 _READER_JOIN_S = 5.0
@@ -75,7 +77,8 @@ def child_environment(
     """The environment of one launched process: ``base`` plus the ``TITANAX_*`` cluster variables.
 
     Sets ``TITANAX_COORDINATOR_ADDRESS``, ``TITANAX_NUM_PROCESSES``, ``TITANAX_PROCESS_ID``,
-    ``TITANAX_LOCAL_PROCESS_ID`` and ``PYTHONUNBUFFERED=1`` (so output streams as it is printed).
+    ``TITANAX_LOCAL_PROCESS_ID``, ``TITANAX_LAUNCHER_PID`` (see :func:`follow_launcher`) and
+    ``PYTHONUNBUFFERED=1`` (so output streams as it is printed).
     With ``cpu_devices_per_proc`` it also sets ``TITANAX_CPU_DEVICES`` and drops
     ``--xla_force_host_platform_device_count`` from ``XLA_FLAGS``, which would otherwise compete
     with it.
@@ -105,6 +108,7 @@ def child_environment(
         TITANAX_LOCAL_PROCESS_ID=str(process_id),
         PYTHONUNBUFFERED="1",
     )
+    env[LAUNCHER_PID_VAR] = str(os.getpid())
     if cpu_devices_per_proc is not None:
         env["TITANAX_CPU_DEVICES"] = str(cpu_devices_per_proc)
         if "XLA_FLAGS" in env:
@@ -114,6 +118,36 @@ def child_environment(
             else:
                 del env["XLA_FLAGS"]
     return env
+
+
+def follow_launcher(environ: Mapping[str, str] | None = None) -> bool:
+    """In a process :func:`launch` started, have Linux SIGKILL it when the launcher dies.
+
+    The launcher stops its processes on every exit it can see; this covers the one it cannot (it
+    was SIGKILLed), which would otherwise leave them running, holding devices and the port.
+    :func:`titanax.runtime.initialize` calls it.
+
+    Args:
+      environ: the environment to read ``TITANAX_LAUNCHER_PID`` from; ``os.environ`` if None.
+
+    Returns:
+      Whether it applies: this process's parent is the launcher named in the environment, on Linux.
+
+    Example:
+      >>> follow_launcher({})      # not started by the launcher
+      False
+    """
+    pid = (os.environ if environ is None else environ).get(LAUNCHER_PID_VAR, "")
+    if not sys.platform.startswith("linux") or not pid.isdigit() or os.getppid() != int(pid):
+        return False  # a wrapper between the launcher and us (bash -c ...) is its own business
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != int(pid):  # the launcher died before the prctl: nobody will signal us
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
 
 
 def exit_code(returncode: int) -> int:
@@ -296,8 +330,9 @@ def launch(
     When every process exits 0 the result is 0. As soon as one exits otherwise, the launcher prints
     ``titanax launch: process 1 (pid 1234) failed with exit code 3; stopping the other processes``
     (or ``... was killed by SIGKILL ...``), sends SIGTERM to the others' process groups, waits up
-    to ``grace_s`` seconds, SIGKILLs what is left and returns the failed process's exit code
-    (``128 + signal`` for a signal). The SIGKILL matters: Titanax's engine and JAX's preemption
+    to ``grace_s`` seconds, SIGKILLs what is left, repeats the failure as its last line
+    (``titanax launch: stopped: process 1 ...``, after what the others printed as they died) and
+    returns the failed process's exit code (``128 + signal`` for a signal). The SIGKILL matters: Titanax's engine and JAX's preemption
     notifier catch SIGTERM to act on it later, and a process blocked in a collective with a dead
     peer never gets there. SIGINT / SIGTERM sent to the launcher (when it runs in the main thread)
     stop all processes the same way (a second one skips the grace period) and return 130 / 143.
@@ -344,6 +379,7 @@ def launch(
     waiters: list[threading.Thread] = []
     exits: queue.SimpleQueue[int] = queue.SimpleQueue()  # process indices, in the order they exit
     received: list[int] = []
+    outcome: list[str] = []  # why the launcher stopped the processes, repeated after their last output
 
     def reap(i: int, proc: subprocess.Popen) -> None:
         proc.wait()
@@ -378,14 +414,14 @@ def launch(
                     raise DistributedError(
                         f"cannot start {argv[0]!r} for process {i}: {e.strerror or e}",
                         suggestion="check the program name and that it is on PATH and executable "
-                        f"(e.g. [sys.executable, 'train.py'] rather than {argv[0]!r})",
+                        f"(e.g. python3 train.py rather than {argv[0]})",
                     ) from e
                 procs.append(proc)
                 out.line(f"{_PREFIX} started process {i} of {nprocs} (pid {proc.pid})")
                 thread(_pump, proc.stdout, f"[p{i}] ", out, name=f"titanax-launch-p{i}-out")
                 thread(_pump, proc.stderr, f"[p{i}] ", out, name=f"titanax-launch-p{i}-err")
                 waiters.append(thread(reap, i, proc, name=f"titanax-launch-p{i}-wait"))
-            return _wait(procs, waiters, exits, received, grace_s, out)
+            return _wait(procs, waiters, exits, received, grace_s, out, outcome)
         except BaseException:
             # A failed start, KeyboardInterrupt outside the main-thread handler, ...: leave nothing.
             if procs:
@@ -397,6 +433,8 @@ def launch(
             deadline = time.monotonic() + _READER_JOIN_S
             for t in threads:
                 t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if outcome and len(procs) > 1:  # the others' last words (stack traces) came after it
+                out.line(f"{_PREFIX} {outcome[0]}")
 
 
 def _wait(
@@ -406,6 +444,7 @@ def _wait(
     received: list[int],
     grace_s: float,
     out: _Output,
+    outcome: list[str],
 ) -> int:
     finished = 0
     while finished < len(procs):
@@ -425,10 +464,9 @@ def _wait(
         rc = procs[i].returncode
         if rc != 0:
             others = any(p.returncode is None for p in procs)
-            out.line(
-                f"{_PREFIX} process {i} (pid {procs[i].pid}) {_describe(rc)}"
-                + ("; stopping the other processes" if others else "")
-            )
+            failure = f"process {i} (pid {procs[i].pid}) {_describe(rc)}"
+            outcome.append(f"stopped: {failure}")
+            out.line(f"{_PREFIX} {failure}" + ("; stopping the other processes" if others else ""))
             _stop(procs, waiters, grace_s, out, hurry=lambda: bool(received))
             return exit_code(rc)
     return 0

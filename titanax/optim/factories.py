@@ -152,7 +152,7 @@ def _moment_dtype(value: Any, where: str) -> Any:
     except TypeError:
         raise TitanaxError(
             f"{where}: moment_dtype={value!r} is not a dtype",
-            suggestion='pass a float dtype such as "float32" or jnp.bfloat16, or None to keep '
+            suggestion='pass a float dtype such as "float32" or "bfloat16", or None to keep '
                        "moments in each parameter's dtype",
         ) from None
     if not jnp.issubdtype(dtype, jnp.floating):

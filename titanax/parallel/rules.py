@@ -338,13 +338,14 @@ def divisible_axes(
     if len(kept) != len(axes):
         dropped = [a for a in axes if a not in kept]
         sizes = {a: mesh_shape[a] for a in axes}
+        fallback = "it stays replicated" if not kept else f"sharding it over {kept} only"
         _complain(
             strict,
             f"{what}: dimension {dim} ({name!r}, size {shape[dim]}) does not divide over mesh "
-            f"axes {dropped} (sizes {sizes}); "
-            + ("it stays replicated" if not kept else f"sharding it over {kept} only"),
+            f"axes {dropped} (sizes {sizes})" + ("" if strict else f"; {fallback}"),
             suggestion=f"make dimension {dim} a multiple of {math.prod(sizes.values())}, or map "
-            f"{name!r} to a smaller mesh axis",
+            f"{name!r} to a smaller mesh axis"
+            + (f", or turn strict off to accept {fallback.replace('it stays', 'it staying')}" if strict else ""),
         )
     return tuple(kept)
 

@@ -750,6 +750,9 @@ def initialize(
             )
         return info
 
+    from titanax.launch.local import follow_launcher
+
+    follow_launcher()
     cpu_devices = _cpu_devices_request(os.environ)
     if cpu_devices is not None:
         # Before anything below starts the JAX backend (jax.process_index() does).
