@@ -67,8 +67,9 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(scratch, tmp_path,
     reference = uninterrupted(source, scratch)
     directory = tmp_path / "run"
     shutil.copytree(first_half(source, scratch), directory)
-    resumed = losses(worker("--dir", str(directory), "--layout", target, "--devices", devices,
-                            "--steps", "20", "--every", "5"))
+    run = worker("--dir", str(directory), "--layout", target, "--devices", devices, "--steps", "20", "--every", "5")
+    assert f"resumed from the checkpoint of step 10 in {directory}" in run.stdout, run.stdout[-2000:]
+    resumed = losses(run)
     assert sorted(resumed) == list(range(11, 21)), "resumes at step 11 with the next unseen batch"
     got = [resumed[s] for s in range(11, 21)]
     want = [reference[s] for s in range(11, 21)]

@@ -70,6 +70,10 @@ TP_PLAN = {"data_parallel": {"axis": "data"}, "tensor_parallel": {"axis": "tenso
 CASES: dict[str, tuple[Callable[[dict], None] | str | None, tuple[str, ...], tuple[str, ...]]] = {
     "yaml-syntax": ("model:\n  factory: [examples.mnist_dp.model:CNN\ndata: {}\n", (),
                     ("is not valid YAML", "line 3")),
+    "duplicate-key": ("model:\n  factory: examples.mnist_dp.model:CNN\ntrain:\n  step: a:b\ntrain:\n  steps: 3\n", (),
+                      ("line 5: 'train' is written a second time", "first on line 3")),
+    "unclosed-quote": ("model:\n  factory: \"examples.mnist_dp.model:CNN\ntrain:\n  steps: 3\n\n\n", (),
+                       ("is not valid YAML", "starts on line 2")),
     "unknown-top-level-key": (with_("optimiser", {"name": "adamw"}), (),
                               ("unknown key optimiser", "did you mean optimizer?")),
     "unknown-nested-key": (with_("optimizer.lrr", 1e-3), (),
@@ -116,6 +120,7 @@ CASES: dict[str, tuple[Callable[[dict], None] | str | None, tuple[str, ...], tup
     "set-unknown-key": (None, ("--set", "train.stepz=3"),
                         ("--set train.stepz=3", "unknown key train.stepz", "did you mean train.step?")),
     "set-wrong-type": (None, ("--set", "train.steps=abc"), ("--set train.steps=abc", "expected an integer")),
+    "set-invalid-value": (None, ("--set", "train.steps=-3"), ("--set train.steps=-3: train.steps=-3 must be",)),
     "set-unparsable-value": (None, ("--set", "mesh.shape=[2,"), ("--set 'mesh.shape=[2,' cannot be parsed",)),
     "config-file-not-found": ("<missing>", (), ("cannot read config file", "does_not_exist.yaml")),
     # byte tokens (257 ids) into a GPT with 200 embedding rows: JAX would clamp, not fail

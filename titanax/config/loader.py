@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -59,6 +60,25 @@ def from_dict(values: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfi
 
 
 # ------------------------------------------------------------------------------------- reading
+class _DuplicateKey(Exception):
+    """``(key, first line, second line)``."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key written twice in one mapping is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key == "<<" or not isinstance(key, (str, int, float, bool)):
+                continue  # YAML merge keys, and keys YAML itself will reject
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
@@ -67,11 +87,20 @@ def _read(path: str) -> Any:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}",
                           suggestion="check the path; example configs are in examples/configs/") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as duplicate:
+        key, first, again = duplicate.args
+        raise ConfigError(f"{path} line {again}: {key!r} is written a second time at the same level "
+                          f"(first on line {first}); YAML would silently keep only the second",
+                          suggestion=f"merge the two {key!r} entries into one") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and start is not None and (mark is None or start.line != mark.line):
+            # an unclosed quote or bracket is found where the file ends; say where it opened
+            problem += f" ({context} that starts on line {start.line + 1}, column {start.column + 1})"
         raise ConfigError(f"{path}{line} is not valid YAML: {problem}",
                           suggestion="check the indentation and the brackets around that line "
                           "(keys and values are separated by ': ')") from None
@@ -108,7 +137,10 @@ def _merge(layers: list[Any], where: str, overrides: Sequence[str] = ()) -> RunC
     try:
         merged = OmegaConf.merge(schema, *layers)
         return OmegaConf.to_object(merged)
-    except TitanaxError as error:  # a section's own __post_init__ check
+    except TitanaxError as error:  # a section's own __post_init__ check, naming its key
+        named = [a for a in overrides
+                 if re.search(rf"(?<![\w.]){re.escape(a.partition('=')[0].strip())}\b", error.message)]
+        where = f"--set {named[0]}" if named else where
         raise type(error)(f"{where}: {error.message}", suggestion=error.suggestion) from None
     except (oc_errors.OmegaConfBaseException, TypeError) as error:  # TypeError: a list where a mapping goes
         raise _translate(error, layers, where, overrides) from None

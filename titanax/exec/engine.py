@@ -171,6 +171,12 @@ class Engine:
                 state, data_state = restored
                 if data_state is not None and hasattr(batches, "restore"):
                     batches.restore(data_state)
+                if jax.process_index() == 0:
+                    at = int(jax.device_get(state.step))
+                    where = getattr(self.checkpoint, "directory", None)
+                    print(f"resumed from the checkpoint of step {at}" + (f" in {where}" if where else "")
+                          + (f"; it already reached steps={steps}, nothing to train" if at >= steps else ""),
+                          flush=True)
         start = int(jax.device_get(state.step))
         if start >= steps:
             self.state = state
