@@ -44,7 +44,8 @@ def test_mnist_dp_main_job_reaches_95_percent_held_out():
     result = run_simulated("run", "examples/configs/mnist_dp.yaml", "--cpu-devices", "8")
     assert result.returncode == 0, result.stderr[-5000:]
     out = result.stdout
-    assert "over 8 devices" in out and "step 400/400" in out and "eta" in out and "examples/s" in out, out[-2000:]
+    assert "over 8 devices in 1 process; plan: DP over 'data'; batch split over ('data',)" in out, out[:2000]
+    assert "step 400/400" in out and "eta" in out and "examples/s" in out, out[-2000:]
     final = out.split("held-out after step 400: ")[1].splitlines()[0]
     accuracy = float(final.split("accuracy ")[1].split(",")[0])
     assert accuracy >= 0.95, out[-2000:]

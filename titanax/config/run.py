@@ -276,7 +276,7 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, f
         say(run.source.description)
     say(f"mesh {', '.join(f'{a}={n}' for a, n in engine.mesh.shape.items())} over {jax.device_count()} "
         f"devices in {jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; plan: "
-        + "; ".join(line.strip() for line in engine.plan.describe().splitlines()[1:]))
+        + "; ".join(" ".join(line.split()) for line in engine.plan.describe().splitlines()[1:]))
     has_eval = run.eval_step is not None and run.source.eval is not None
     result: dict[str, float] = {}
     if has_eval and cfg.train.eval_at_start and int(jax.device_get(state.step)) == 0:
