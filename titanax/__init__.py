@@ -14,6 +14,7 @@ from titanax.exceptions import (
     ConfigError,
     DistributedError,
     MeshError,
+    NonFiniteError,
     PlanError,
     ShardingError,
     TitanaxError,
@@ -42,7 +43,7 @@ from titanax.runtime import MeshSpec, ProcessGroups, initialize, simulate_cpu_de
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "CollectiveError", "ConfigError", "DistributedError", "MeshError", "PlanError", "ShardingError", "TitanaxError",
+    "CheckpointError", "CollectiveError", "ConfigError", "DistributedError", "MeshError", "NonFiniteError", "PlanError", "ShardingError", "TitanaxError",
     "TitanaxWarning", "exceptions", "profiling", "rules", "constrain", "sharding_context",
     "DP", "FSDP", "PP", "TP", "Plan", "Rules", "ShardedModel", "shard", "tree_layout", "tree_shardings",
     "MeshSpec", "ProcessGroups", "nn",

@@ -10,6 +10,7 @@ change — and exits with status 2, without a Python traceback (``--debug`` show
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Annotated, Any, Optional
@@ -105,22 +106,60 @@ def run(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices
     """
     from titanax.exceptions import TitanaxError
 
+    cfg = None
     try:
         cfg = _start(config, overrides, cpu_devices)
         from titanax.config import train
 
         train(cfg)
     except TitanaxError as error:
-        _fail(error, debug)
+        _fail(_with_cpu_devices_hint(error, cfg), debug)
 
 
-def _describe_devices(cfg: Any) -> int:
-    shape = cfg.mesh.shape
-    if shape is not None and all(size > 0 for size in shape):
-        import math
+def _mesh_devices(cfg: Any) -> int:
+    """The devices ``cfg``'s mesh is meant for: the product of ``mesh.shape`` when every size is
+    given, else the smallest multiple of the given sizes that is at least 8."""
+    shape = cfg.mesh.shape or ()
+    given = math.prod(size for size in shape if size > 0)
+    if shape and all(size > 0 for size in shape):
+        return given
+    return given * -(-8 // given)
 
-        return math.prod(shape)
-    return 8
+
+def _with_cpu_devices_hint(error: BaseException, cfg: Any) -> BaseException:
+    """``error``, with the ``--cpu-devices`` that fixes it when it is a mesh larger than (or not
+    dividing) the CPU devices this process simulates: on a machine without accelerators that is
+    nearly always the flag left out, not a wrong ``mesh.shape``."""
+    from titanax.exceptions import MeshError
+
+    if not isinstance(error, MeshError) or cfg is None:
+        return error
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return error
+    try:
+        spec = cfg.mesh.spec()
+        want = _mesh_devices(cfg)
+        spec.resolved_shape(want)
+    except MeshError:
+        return error  # the shape itself is wrong: no device count helps
+    try:
+        spec.resolved_shape(jax.device_count())
+        return error  # the mesh fits these devices: the error is about something else
+    except MeshError:
+        pass
+    processes = jax.process_count()
+    if processes == 1:
+        flag = f"--cpu-devices {want}"
+    elif want % processes == 0:
+        flag = f"titanax launch --cpu-devices-per-proc {want // processes}"
+    else:
+        return error
+    hint = f"simulate {want} devices on the CPU with {flag}"
+    hinted = type(error)(error.message, suggestion=hint + (f"; or {error.suggestion}" if error.suggestion else ""))
+    hinted.__cause__ = error  # --debug shows where the mesh error came from
+    return hinted
 
 
 @app.command()
@@ -135,13 +174,14 @@ def describe(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDe
     """
     from titanax.exceptions import TitanaxError
 
+    cfg = None
     try:
-        cfg = _start(config, overrides, cpu_devices, default_devices=_describe_devices)
+        cfg = _start(config, overrides, cpu_devices, default_devices=_mesh_devices)
         from titanax.config.describe import describe_run
 
         typer.echo(describe_run(cfg).render())
     except TitanaxError as error:
-        _fail(error, debug)
+        _fail(_with_cpu_devices_hint(error, cfg), debug)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -156,7 +196,7 @@ def launch(
     port: Annotated[Optional[int], typer.Option(
         help="Coordinator port on this machine (default: a free one).")] = None,
     grace: Annotated[float, typer.Option(
-        help="Seconds the other processes get to exit after one fails, before they are killed.")] = 10.0,
+        min=0.0, help="Seconds the other processes get to exit after one fails, before they are killed.")] = 10.0,
     debug: Debug = False,
 ) -> None:
     """Start N local processes as one jax.distributed job.
@@ -164,6 +204,7 @@ def launch(
     Like torchrun --standalone: each process gets TITANAX_COORDINATOR_ADDRESS, TITANAX_NUM_PROCESSES and TITANAX_PROCESS_ID
     (read by titanax.runtime.initialize(), which `titanax run` calls). Output is streamed with a
     [pN] prefix. If one process fails, the others are stopped and its exit code is returned.
+    Each process waits at most TITANAX_INIT_TIMEOUT seconds (default 120) for the others to start.
     """
     from titanax.exceptions import TitanaxError
     from titanax.launch import launch as launch_local

@@ -15,6 +15,7 @@ __all__ = [
     "DistributedError",
     "CheckpointError",
     "ConfigError",
+    "NonFiniteError",
     "TitanaxWarning",
 ]
 
@@ -78,6 +79,25 @@ class ConfigError(TitanaxError):
 
 class CheckpointError(TitanaxError):
     """A checkpoint that is missing, incomplete or corrupt, or does not fit the state to restore."""
+
+
+class NonFiniteError(TitanaxError):
+    """Training produced a non-finite loss or gradients for as many steps in a row as allowed.
+
+    Attributes:
+      step: the first step of the run of non-finite steps.
+    """
+
+    def __init__(self, message: str, *, suggestion: str | None = None, step: int | None = None) -> None:
+        super().__init__(message, suggestion=suggestion)
+        self.step = step
+
+    def __reduce__(self):
+        return (_rebuild_nonfinite, (self.message, self.suggestion, self.step))
+
+
+def _rebuild_nonfinite(message: str, suggestion: str | None, step: int | None) -> NonFiniteError:
+    return NonFiniteError(message, suggestion=suggestion, step=step)
 
 
 class TitanaxWarning(UserWarning):

@@ -26,17 +26,18 @@ def main() -> None:
 
 
 def big_state():
-    """A ~256 MB TrainState (one Dense(8192) layer, SGD) under DP 8."""
+    """A ~64 MB TrainState (one Dense(4096) layer, SGD) under DP 8: its write takes long enough
+    (seconds) for the test to kill the process in the middle of it."""
     import flax.linen as nn
     import jax.numpy as jnp
 
     mesh = tx.MeshSpec(axes=("data",)).build()
-    sm = tx.shard(nn.Dense(8192), tx.Plan(data_parallel=tx.DP(axis="data")), mesh, example=jnp.ones((8, 8192)))
+    sm = tx.shard(nn.Dense(4096), tx.Plan(data_parallel=tx.DP(axis="data")), mesh, example=jnp.ones((8, 4096)))
     return tx.create_train_state(sm, tx.optim.sgd(0.1))
 
 
 def big_save(directory: str) -> None:
-    """Save step 1 of a ~256 MB state and wait; start step 2 asynchronously and report, so the
+    """Save step 1 of a ~64 MB state and wait; start step 2 asynchronously and report, so the
     test can kill the process while step 2 is being written."""
     state = big_state()
     state = state.replace(step=state.step + 1)  # checkpoint step 1 holds a state at step 1

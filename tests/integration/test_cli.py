@@ -18,11 +18,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
+import optax
 import pytest
 import typer
 import yaml
+from flax import nnx
 from typer.testing import CliRunner
 
+import titanax as tx
 from titanax.cli import EXIT_CONFIG_ERROR, app
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -66,6 +71,54 @@ def sections(**values: Any) -> Callable[[dict], None]:
 TP_MESH = {"axes": ["data", "tensor"], "shape": [4, 2]}
 TP_PLAN = {"data_parallel": {"axis": "data"}, "tensor_parallel": {"axis": "tensor"}}
 
+
+# An NNX model annotated as Flax's docs write it: nnx.with_partitioning, eager by default under
+# Flax 0.12 (building it outside a mesh fails unless eager sharding is off). Configs name it by
+# this module's import path (already imported, whatever name pytest gave it).
+class EagerTokenModel(nnx.Module):
+    def __init__(self, vocab: int = 300, width: int = 16, *, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(vocab, width, rngs=rngs, embedding_init=nnx.with_partitioning(
+            nnx.initializers.normal(0.02), ("vocab", "embed")))
+        self.head = nnx.Linear(width, vocab, rngs=rngs, kernel_init=nnx.with_partitioning(
+            nnx.initializers.lecun_normal(), ("embed", "vocab")))
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        return self.head(self.embed(tokens_BT))
+
+
+def eager_token_model(vocab: int = 300, *, rngs: nnx.Rngs) -> EagerTokenModel:
+    return EagerTokenModel(vocab, rngs=rngs)
+
+
+def built_token_model(vocab: int = 300) -> EagerTokenModel:
+    """A factory without ``rngs`` that builds the module itself (on one device)."""
+    return EagerTokenModel(vocab, rngs=nnx.Rngs(0))
+
+
+def byte_tokens(*, vocab_size: int | None = 257, batch_size: int, seed: int) -> tx.data.DataSource:
+    """Byte ids (0..256), declared as such unless ``vocab_size`` is None; no held-out data."""
+    tokens_BT = np.random.default_rng(seed).integers(0, 257, size=(batch_size, 9)).astype(np.int32)
+    return tx.data.DataSource(train=lambda: [{"tokens": tokens_BT}], example={"tokens": tokens_BT},
+                              vocab_size=vocab_size)
+
+
+@tx.step_fn
+def token_step(state, batch):
+    def loss(params):
+        logits_BTV = state.apply(params, batch["tokens"][:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["tokens"][:, 1:]).mean()
+
+    value, grads = jax.value_and_grad(loss)(state.params)
+    return state.apply_gradients(grads=grads), {"loss": value}
+
+
+def tokens_run(model: str = "EagerTokenModel", data_args: dict | None = None, **model_keys: Any) -> Callable[[dict], None]:
+    """A mutation making the run the NNX token model (``model``, this module's) on byte tokens."""
+    return sections(model={"factory": f"{__name__}:{model}", **model_keys},
+                    data={"factory": f"{__name__}:byte_tokens", "args": data_args or {}, "batch_size": 8},
+                    train={"step": f"{__name__}:token_step", "steps": 1})
+
+
 # id -> (the file: a mutation of BASE or raw YAML text, extra CLI arguments, what stderr must name)
 CASES: dict[str, tuple[Callable[[dict], None] | str | None, tuple[str, ...], tuple[str, ...]]] = {
     "yaml-syntax": ("model:\n  factory: [examples.mnist_dp.model:CNN\ndata: {}\n", (),
@@ -85,7 +138,10 @@ CASES: dict[str, tuple[Callable[[dict], None] | str | None, tuple[str, ...], tup
     "axis-not-in-mesh": (with_("plan.data_parallel.axis", "batch"), (),
                          ("plan.data_parallel.axis='batch'", "names an axis the mesh", "use one of ['data']")),
     "mesh-larger-than-devices": (sections(mesh={"axes": ["data", "tensor"], "shape": [4, 4]}, plan=TP_PLAN), (),
-                                 ("mesh.shape [4, 4]", "needs 16 devices but 8 are available")),
+                                 ("mesh.shape [4, 4]", "needs 16 devices but 8 are available",
+                                  "simulate 16 devices on the CPU with --cpu-devices 16")),
+    "mesh-not-dividing-devices": (sections(mesh={"axes": ["data", "tensor"], "shape": [-1, 3]}, plan=TP_PLAN), (),
+                                  ("mesh.shape [-1, 3]", "cannot split 8 devices", "--cpu-devices 9")),
     "mesh-shape-length": (with_("mesh.shape", [2, 4]), (), ("mesh.shape [2, 4] has 2 entries for 1 axes",)),
     "axis-unused-by-plan": (sections(mesh=TP_MESH, plan={"data_parallel": {"axis": "data"}}), (),
                             ("mesh axis 'tensor'", "plan.data_parallel: {axis: 'tensor'}")),
@@ -123,6 +179,33 @@ CASES: dict[str, tuple[Callable[[dict], None] | str | None, tuple[str, ...], tup
     "set-invalid-value": (None, ("--set", "train.steps=-3"), ("--set train.steps=-3: train.steps=-3 must be",)),
     "set-unparsable-value": (None, ("--set", "mesh.shape=[2,"), ("--set 'mesh.shape=[2,' cannot be parsed",)),
     "config-file-not-found": ("<missing>", (), ("cannot read config file", "does_not_exist.yaml")),
+    "seed-beyond-32-bits": (None, ("--set", "train.seed=4294967296"),
+                            ("train.seed=4294967296 does not fit in 32 bits", "train.seed=0")),
+    # `run` builds the checkpointer (relative paths: the CLI runs in the repository root)
+    "checkpoint-dir-is-a-file": (with_("checkpoint.dir", "pyproject.toml"), (), ("checkpoint.dir=", "pyproject.toml")),
+    "checkpoint-dir-under-a-file": (with_("checkpoint.dir", "pyproject.toml/runs"), (),
+                                    ("checkpoint.dir=", "pyproject.toml/runs")),
+    "linen-argument-type": (with_("model.args", {"hidden": 64.5}), (),
+                            ("model.args.hidden=64.5 does not fit `hidden: int`", "write model.args.hidden as an integer")),
+    "data-argument-type": (with_("data.args.data_dir", 5), (),
+                           ("data.args.data_dir=5 does not fit `data_dir: str | None`", "a string or null")),
+    # model.factory naming an NNX Module class (its signature reads (*args, **kwargs) under Flax 0.12)
+    "nnx-class-unknown-argument": (tokens_run(args={"widht": 8}), (),
+                                   ("model.args.widht is not an argument", "did you mean width?")),
+    "nnx-class-argument-type": (tokens_run(args={"vocab": "many"}), (),
+                                ("model.args.vocab='many' does not fit `vocab: int`",)),
+    # the vocabulary check traces the factory with eager sharding off, as tx.shard does
+    "eager-annotations-vocabulary-too-small": (tokens_run("eager_token_model", args={"vocab": 100}), (),
+                                               ("token ids go up to 256", "has 100 entries on its 'vocab' axis")),
+    "eager-annotations-built-module-vocabulary-too-small": (
+        tokens_run("built_token_model", args={"vocab": 100}), (),
+        ("token ids go up to 256", "has 100 entries on its 'vocab' axis")),
+    # (a function factory and no vocabulary: only the check named fails)
+    "nnx-model-with-input": (tokens_run("eager_token_model", {"vocab_size": None}, input="tokens"), (),
+                             ("model.input='tokens' is set", "NNX model")),
+    "eval-step-without-eval-data": (tokens_run("eager_token_model", {"vocab_size": None}),
+                                    ("--set", f"train.eval_step={__name__}:token_step"),
+                                    ("train.eval_step=", "a DataSource without eval data")),
     # byte tokens (257 ids) into a GPT with 200 embedding rows: JAX would clamp, not fail
     "vocabulary-larger-than-embedding": (sections(
         model={"factory": "examples.gpt_small_tp.model:gpt", "args": {"preset": "tiny", "vocab_size": 200}},
@@ -177,11 +260,24 @@ def test_misconfiguration_is_one_paragraph_and_exit_2(cli, tmp_path, case):
     spec, extra, names = CASES[case]
     path = write_config(tmp_path, spec)
     # `describe` for most (it compiles nothing before the checks fail); `run` for a few, to cover both
-    command = "run" if case in ("string-for-int", "axis-not-in-mesh", "missing-model-attribute") else "describe"
+    command = "run" if case in ("string-for-int", "axis-not-in-mesh", "missing-model-attribute", "checkpoint-dir-is-a-file",
+                                "checkpoint-dir-under-a-file") else "describe"
     result = cli(command, str(path), "--cpu-devices", "8", *extra)
     assert result.exit_code == EXIT_CONFIG_ERROR, (result.exit_code, result.exception, result.output)
     assert result.stdout == "", result.stdout
     assert_one_paragraph(result.stderr, *names)
+
+
+def test_nnx_class_with_eager_annotations_and_vocabulary(cli, tmp_path):
+    """An NNX class as model.factory gets ``rngs``; its eager ``nnx.with_partitioning`` annotations
+    are read (vocab -> tensor) and the vocabulary check passes when its 300 rows hold 257 ids."""
+    path = write_config(tmp_path, tokens_run())
+    result = cli("describe", str(path), "--cpu-devices", "8", "--set", "mesh.axes=[data, tensor]",
+                 "--set", "mesh.shape=[4, 2]", "--set", "plan.tensor_parallel={axis: tensor}")
+    assert result.exit_code == 0, (result.exit_code, result.exception, result.stderr)
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(("embed/", "head/"))}
+    assert "P('tensor', None)" in rows["embed/embedding"], result.stdout
+    assert "P(None, 'tensor')" in rows["head/kernel"], result.stdout
 
 
 def test_optimizer_error_names_config_keys(cli, tmp_path):

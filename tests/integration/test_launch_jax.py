@@ -1,6 +1,6 @@
 """`titanax.launch.launch` with real JAX: 2 processes x 2 simulated CPU devices form one 4-device
-job (TITANAX_CPU_DEVICES + gloo collectives), and a process that dies leaves no peer hanging in a
-collective."""
+job (TITANAX_CPU_DEVICES + gloo collectives), a process that dies leaves no peer hanging in a
+collective, and one that exits without joining is named within TITANAX_INIT_TIMEOUT."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from titanax.launch import launch
+from titanax.launch import free_port, launch
 
 ROOT = pathlib.Path(__file__).parents[2]
 
@@ -52,6 +52,18 @@ mesh = jax.make_mesh((4,), ("data",))
 x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.ones(2, np.float32), (4,))
 print("WAITING", flush=True)
 jax.block_until_ready(jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x))
+print("UNREACHABLE", flush=True)
+"""
+
+
+# Process 1 exits (code 0) without joining, as a script with a wrong branch would; process 0 waits
+# for it in initialize() until TITANAX_INIT_TIMEOUT.
+NEVER_JOINS = """
+import os, sys
+if os.environ["TITANAX_PROCESS_ID"] == "1":
+    sys.exit(0)
+import titanax as tx
+tx.runtime.initialize()
 print("UNREACHABLE", flush=True)
 """
 
@@ -99,6 +111,26 @@ def test_dead_peer_does_not_leave_the_other_hanging():
     last = text.strip().splitlines()[-1]
     assert re.fullmatch(r"titanax launch: stopped: process 1 \(pid \d+\) failed with exit code 3", last), last
     assert elapsed < 25, elapsed  # well before the 30 s gloo / collective timeouts
+
+
+def test_a_process_that_never_joins_is_named():
+    out = _Buffer()
+    port = free_port()
+    start = time.monotonic()
+    rc = launch([sys.executable, "-c", NEVER_JOINS], nprocs=2, port=port,
+                env={**_env(), "TITANAX_INIT_TIMEOUT": "2"}, stdout=out, grace_s=2)
+    elapsed = time.monotonic() - start
+    text = out.getvalue()
+    assert rc == 1, text[-6000:]
+    assert (f"[p0] titanax.exceptions.DistributedError: the coordinator (process 0) at localhost:{port} "
+            "waited 2 s (TITANAX_INIT_TIMEOUT=2) for the other processes: process 1 of 2 never connected"
+            ) in text, text[-6000:]
+    assert "UNREACHABLE" not in text
+    # The launcher's last line names the process that left, not only the one that failed.
+    last = text.strip().splitlines()[-1]
+    assert re.fullmatch(r"titanax launch: stopped: process 0 \(pid \d+\) failed with exit code 1 "
+                        r"after process 1 \(pid \d+\) had exited with code 0", last), last
+    assert elapsed < 25, elapsed  # not JAX's 300 s
 
 
 def _alive(pid: int) -> bool:

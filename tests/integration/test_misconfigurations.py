@@ -3,6 +3,8 @@ message names the culprit and ``.suggestion`` says what to change."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -158,4 +160,70 @@ def test_messy_annotation_with_an_indivisible_dimension_is_dropped_with_a_warnin
     with pytest.warns(tx.TitanaxWarning, match="Dense_0/kernel.*does not divide"):
         sm = shard_dense(rules, features=5)
     assert sm.layout["Dense_0/kernel"].replicated
-    assert sm(X).shape == (8, 5)
+    # Nothing is left to split over 'tensor': both of its devices would compute the same thing.
+    with pytest.warns(tx.TitanaxWarning, match="mesh axis 'tensor' .* splits no parameter"):
+        assert sm(X).shape == (8, 5)
+
+
+# ------------------------------------------------------------- axes and constraints nothing uses
+class EmbedOnly(nnx.Module):
+    """Names only ``embed``: a TP plan's rules (mlp, heads, vocab) find nothing to split."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        kernel = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", None))
+        self.dense = nnx.Linear(16, 8, kernel_init=kernel, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(x)
+
+
+DP4_TP2 = tx.Plan(data_parallel=tx.DP(axis="data"), tensor_parallel=tx.TP(axis="tensor"))
+
+
+def test_a_parallel_axis_nothing_uses_is_reported_at_the_first_call():
+    mesh = mesh_8(("data", 4), ("tensor", 2))
+    strict = tx.shard(EmbedOnly, dataclasses.replace(DP4_TP2, strict=True), mesh)
+    with pytest.raises(tx.ShardingError, match=r"mesh axis 'tensor' \(2 devices\) splits no parameter, "
+                       r"no activation and not the batch.*rules map \['mlp', 'heads', 'vocab'\] to it, but "
+                       r"the model's arrays are named only \['embed'\]"):
+        strict(X)
+    lenient = tx.shard(EmbedOnly, DP4_TP2, mesh)
+    with pytest.warns(tx.TitanaxWarning, match="mesh axis 'tensor'"):
+        lenient(X)
+
+
+def test_an_axis_only_activations_use_counts_as_used():
+    class ConstrainedOnly(nn.Module):  # parameters unnamed, the hidden activation named 'mlp'
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(tx.constrain(nn.Dense(32)(x), ("batch", "mlp")))
+
+    mesh = mesh_8(("data", 4), ("tensor", 2))
+    sm = tx.shard(ConstrainedOnly(), tx.Rules([("batch", "data"), ("mlp", "tensor")], strict=True), mesh, example=X)
+    assert sm(X).shape == (8, 8)  # no warning (warnings are errors in this suite)
+
+
+def test_flax_logical_constraints_are_reported_once_with_the_titanax_call():
+    class FlaxConstrained(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(8, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")))(x)
+            return nn.with_logical_constraint(h, ("batch", "mlp"))
+
+    sm = tx.shard(FlaxConstrained(), DP4_TP2, mesh_8(("data", 4), ("tensor", 2)), example=X)
+    with pytest.warns(tx.TitanaxWarning, match=r"nn.with_logical_constraint .*constraints reach XLA as nothing") as seen:
+        sm(X)
+    assert "tx.constrain(x, names)" in str(seen[0].message)
+    sm(X[:4])  # reported once per model, not at every trace
+
+
+def test_an_nnx_class_with_keyword_only_rngs_is_a_factory():
+    class KeywordRngs(nnx.Module):
+        def __init__(self, width: int = 4, *, rngs: nnx.Rngs):
+            self.linear = nnx.Linear(width, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear(x)
+
+    sm = tx.shard(KeywordRngs, tx.Plan(data_parallel=tx.DP(axis="data")), mesh_8(("data", 8)))
+    assert sm.params["linear"]["kernel"][...].shape == (4, 2)

@@ -108,8 +108,9 @@ def test_two_processes_match_one_process_on_gpt_dp_tp(tmp_path):
 
 
 def test_killing_one_process_stops_the_launcher_and_names_it():
+    # --grace 2: the survivor, stuck in a collective with the dead peer, is killed after 2 s.
     command = [sys.executable, "-m", "titanax.cli", "launch", "--nprocs", "2", "--cpu-devices-per-proc", "4",
-               "--", sys.executable, "-m", "titanax.cli", "run", MNIST, "--set", "train.steps=100000",
+               "--grace", "2", "--", sys.executable, "-m", "titanax.cli", "run", MNIST, "--set", "train.steps=100000",
                "--set", "logging.every=1", "--set", "logging.progress=false", "--set", "train.eval_every=null"]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

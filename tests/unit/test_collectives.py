@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from titanax.exceptions import CollectiveError
+from titanax.exceptions import CollectiveError, TitanaxWarning
 from titanax.exec import collectives as C
 
 ROWS, COLS = 8, 6            # x is (8, 6): blocks of (2, 3) on a data=4 x model=2 mesh
@@ -326,3 +326,22 @@ def test_psum_over_a_replicated_axis_mixed_with_a_varying_one(mesh):
             jnp.ones((8, 4)), in_specs=P("data", None))
     _check(info, "replicated", "('data', 'model')")
     assert "pcast" in info.value.suggestion
+
+
+def test_psum_of_a_value_already_reduced_over_the_axis_is_refused(mesh):
+    # psum(pmean(g)) would silently multiply the mean by the number of devices.
+    with pytest.raises(CollectiveError) as info:
+        run(mesh, lambda b: C.psum(C.pmean({"g": b}, "data"), "data"), P(None, "model"))
+    _check(info, "['g'] is already the same on every device along 'data'", "multiply it by 4")
+    assert "axis_size('data')" in info.value.suggestion
+
+
+def test_pmean_of_a_sum_warns_that_it_stays_a_sum(mesh):
+    with pytest.warns(TitanaxWarning, match="already the same on every device along 'data'.*a sum, not a mean"):
+        run(mesh, lambda b: C.pmean(C.psum(b, "data"), "data"), P(None, "model"))
+
+
+def test_double_reduction_is_not_guessed_where_replication_is_untracked(mesh):
+    # Without check_vma every value looks replicated: nothing is refused, JAX's numbers stand.
+    out = run(mesh, lambda b: C.psum(C.pmean(b, "data"), "data"), P(None, "model"), check_vma=False)
+    np.testing.assert_allclose(out, X.reshape(4, 2, COLS).sum(0), rtol=1e-6)

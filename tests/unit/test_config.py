@@ -4,6 +4,7 @@ section builds. Nothing here compiles or touches a mesh."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import re
 import typing
@@ -23,6 +24,7 @@ from titanax.config import (
     import_object,
     load,
 )
+from titanax.config.imports import check_arguments
 from titanax.config.schema import OPTIMIZERS, SCHEDULES
 from titanax.exceptions import ConfigError, TitanaxError
 
@@ -231,6 +233,7 @@ def test_file_errors(tmp_path):
     ({"mesh": {"axes": []}}, "mesh.axes is empty"),
     ({"train": {"step": "a:b", "steps": 0}}, "train.steps=0 must be at least 1"),
     ({"train": {"step": "a:b", "seed": -1}}, "train.seed=-1 is negative"),
+    ({"train": {"step": "a:b", "seed": 2**32}}, "train.seed=4294967296 does not fit in 32 bits"),
     ({"data": {"factory": "a:b", "batch_size": 0}}, "data.batch_size=0 must be at least 1"),
     ({"checkpoint": {"every": 0}}, "checkpoint.every=0 must be at least 1"),
     ({"logging": {"every": 0}}, "logging.every=0 must be at least 1"),
@@ -387,6 +390,55 @@ def test_import_object_broken_or_incomplete_module(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="needs module 'tx_test_not_installed_dependency'") as excinfo:
         import_object("tx_test_needs_missing:f", "data.factory")
     assert excinfo.value.suggestion == "pip install the package that provides tx_test_not_installed_dependency"
+
+
+# --------------------------------------------------------------------- arguments of named factories
+def _factory(width: int, rate: float = 0.1, name: str | None = None, sizes: tuple[int, ...] = (),
+             mode: typing.Literal["a", "b"] = "a", dtype: typing.Any = None, path: str | os.PathLike = "",
+             hidden: NotImportedHere = None):  # noqa: F821 - a name only a type checker resolves
+    return None
+
+
+def test_argument_types_judged_only_where_yaml_can_tell():
+    for args in ({"width": 8, "rate": 1},                          # an integer is a float too
+                 {"width": 8, "name": None, "sizes": [1, 2]},      # YAML lists fill tuple parameters
+                 {"width": 8, "mode": "b", "dtype": "bfloat16"},   # Any: left to the call
+                 {"width": 8, "path": 5, "hidden": 3}):            # a union with a class, an unresolvable name
+        check_arguments(_factory, args, "model.args")
+    with pytest.raises(ConfigError, match="model.args.width='8' does not fit"):
+        check_arguments(_factory, {"width": "8"}, "model.args")
+
+
+@pytest.mark.parametrize("args, message, suggestion", [
+    ({"width": "8"}, "model.args.width='8' does not fit `width: int` in", "write model.args.width as an integer"),
+    ({"width": 8.0}, "model.args.width=8.0 does not fit `width: int`", "as an integer"),
+    ({"width": True}, "model.args.width=True does not fit `width: int`", "as an integer"),
+    ({"width": 8, "rate": "fast"}, "model.args.rate='fast' does not fit `rate: float`", "as a number"),
+    ({"width": 8, "name": 3}, "model.args.name=3 does not fit `name: str | None`", "as a string or null"),
+    ({"width": 8, "sizes": 4}, "model.args.sizes=4 does not fit `sizes: tuple[int, ...]`", "a list of integers"),
+    ({"width": 8, "mode": "c"}, "model.args.mode='c' does not fit `mode: typing.Literal['a', 'b']`", "a value of type"),
+])
+def test_argument_types_refused(args, message, suggestion):
+    with pytest.raises(ConfigError) as excinfo:
+        check_arguments(_factory, args, "model.args")
+    assert message in excinfo.value.message and suggestion in excinfo.value.suggestion, excinfo.value
+
+
+def test_nnx_class_arguments_are_read_from_init():
+    """``inspect.signature`` of an NNX Module class reads ``(*args, **kwargs)`` (its metaclass's
+    ``__call__``); the arguments are checked against its ``__init__``."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, width: int = 4, *, rngs: nnx.Rngs) -> None:
+            self.linear = nnx.Linear(width, 1, rngs=rngs)
+
+    check_arguments(Net, {"width": 3}, "model.args", supplied=("rngs",))
+    with pytest.raises(ConfigError, match="model.args.widht is not an argument of .*Net") as excinfo:
+        check_arguments(Net, {"widht": 3}, "model.args", supplied=("rngs",))
+    assert excinfo.value.suggestion == "its arguments: width (did you mean width?)"
+    with pytest.raises(ConfigError, match="model.args.width='3' does not fit `width: int`"):
+        check_arguments(Net, {"width": "3"}, "model.args", supplied=("rngs",))
 
 
 # --------------------------------------------------------------------------------------- the docs

@@ -198,6 +198,28 @@ def test_one_failure_stops_the_others_and_their_children(tmp_path):
     assert _wait_for(lambda: not _alive(grandchild), 5), "process 0's child still runs"
 
 
+def test_a_failure_names_the_processes_that_had_already_exited(tmp_path):
+    # Processes 1 and 2 leave at once with code 0 (as one that never joins the job would); process 0
+    # fails once both are gone (its peers never came): the failure, last line included, names them.
+    leave = f"import os; open({str(tmp_path)!r} + f'/gone{{os.getpid()}}', 'w').close()"
+    fail_when_alone = (
+        "import glob, os, sys, time\n"
+        f"while len(pids := glob.glob({str(tmp_path / 'gone*')!r})) < 2:\n"
+        "    time.sleep(0.02)\n"
+        "while any(os.path.exists('/proc/' + p.rsplit('gone', 1)[1]) for p in pids):\n"
+        "    time.sleep(0.02)\n"
+        "sys.exit(4)\n"
+    )
+    out = _Buffer()
+    rc = launch(_by_process(tmp_path, fail_when_alone, leave, leave), nprocs=3, stdout=out)
+    text = out.getvalue()
+    assert rc == 4, text
+    pids = {int(i): pid for i, pid in re.findall(r"started process (\d) of 3 \(pid (\d+)\)", text)}
+    failure = (f"process 0 (pid {pids[0]}) failed with exit code 4 after processes 1 (pid {pids[1]}), "
+               f"2 (pid {pids[2]}) had exited with code 0")
+    assert text.strip().splitlines()[-1] == f"titanax launch: stopped: {failure}", text
+
+
 def test_sigterm_ignored_is_killed_after_grace(tmp_path):
     ignore = "signal.signal(signal.SIGTERM, lambda *a: None)"
     out = _Buffer()

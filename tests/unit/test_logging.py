@@ -484,3 +484,18 @@ def test_peak_flops_of_a_cpu_device_and_bad_inputs():
     with pytest.raises(TitanaxError) as e:
         peak_flops_per_device("NVIDIA H100", dtype="bfloat17")
     assert e.value.suggestion
+
+
+def test_unusable_destinations_are_refused_when_the_logger_is_made(tmp_path):
+    # Found at construction, not at the first logged step after compiling.
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    with pytest.raises(TitanaxError, match=r"CSV\(path=...\): .* exists and is not a file"):
+        CSV(tmp_path)
+    with pytest.raises(TitanaxError, match=r"CSV\(path=...\): .*metrics.csv cannot be created: .*notes.txt is a file"):
+        CSV(afile / "metrics.csv")
+    with pytest.raises(TitanaxError, match=r"TensorBoard\(logdir=...\): .*notes.txt exists and is not a directory"):
+        TensorBoard(afile)
+    with pytest.raises(TitanaxError, match=r"TensorBoard\(logdir=...\): .* cannot be created"):
+        TensorBoard(afile / "tb")
+    CSV(tmp_path / "new" / "metrics.csv")  # a path to create is fine

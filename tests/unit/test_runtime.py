@@ -162,6 +162,17 @@ def test_spec_validation_errors(kwargs, culprits):
     _raises(MeshError, *culprits, fn=MeshSpec, **kwargs)
 
 
+@pytest.mark.parametrize("devices, culprits, fix", [
+    ([0, 1, 2, 3], ["devices=[0, 1, 2, 3]", "integers (device ids?)"], "devices=jax.devices()[:4]"),
+    ([1, 3], ["devices=[1, 3]", "integers"], "d.id in (1, 3)"),
+    (["cpu:0"], ["'cpu:0'", "str"], "jax.devices()[:4]"),
+])
+def test_devices_must_be_device_objects(devices, culprits, fix):
+    # ids or names would pass until jax.make_mesh failed on a missing attribute
+    err = _raises(MeshError, *culprits, fn=MeshSpec, axes=("data",), devices=devices)
+    assert fix in err.suggestion
+
+
 def test_duplicate_devices_rejected():
     d = jax.devices()[0]
     _raises(MeshError, str(d), fn=MeshSpec, axes=("data",), devices=[d, d])
@@ -596,6 +607,9 @@ _CLUSTER_VARS = [
 def clean_init(monkeypatch):
     for k in _CLUSTER_VARS:
         monkeypatch.delenv(k, raising=False)
+    # These tests stub jax.distributed; the rendezvous before it would wait for processes that do
+    # not exist (tests/integration/test_missing_peer.py tests it with real sockets).
+    monkeypatch.setattr(dist, "_rendezvous", lambda spec, timeout_s, origin: None)
     dist._reset_for_tests()
     yield monkeypatch
     dist._reset_for_tests()
@@ -877,7 +891,10 @@ def test_initialize_cpu_devices_malformed(clean_launch, value, culprit):
     _forbid_jax_distributed(clean_launch)
     clean_launch.setattr(dist._simulate, "simulate_cpu_devices", lambda n: pytest.fail("applied"))
     clean_launch.setenv("TITANAX_CPU_DEVICES", value)
-    _raises(DistributedError, "TITANAX_CPU_DEVICES", culprit, fn=initialize)
+    err = _raises(DistributedError, "TITANAX_CPU_DEVICES", culprit, fn=initialize)
+    assert "=0 " not in err.suggestion and "=0)" not in err.suggestion  # never suggest what is refused
+    if value == "four":
+        assert "TITANAX_CPU_DEVICES=8" in err.suggestion
 
 
 def test_initialize_gloo_for_multiprocess_cpu_without_simulation(clean_launch):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 
 import titanax as tx
 from titanax.parallel.pipeline_explicit import compile_schedule
-from titanax.parallel.schedules import Schedule, build_schedule
+from titanax.parallel.schedules import build_schedule
 
 CASES = [("gpipe", p, m, 1) for p, m in [(1, 1), (2, 2), (2, 5), (4, 4), (4, 16)]] + \
         [("circular", p, m, v) for p, m, v in [(2, 2, 2), (4, 4, 2), (4, 8, 3), (2, 3, 4)]] + \

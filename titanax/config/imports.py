@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import importlib
 import inspect
 import os
+import sys
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from titanax.exceptions import ConfigError
 
-__all__ = ["check_arguments", "import_object", "qualified_name"]
+__all__ = ["call_signature", "check_arguments", "import_object", "qualified_name"]
 
 
 def import_object(path: str, key: str) -> Any:
@@ -93,9 +97,8 @@ def check_arguments(factory: Callable[..., Any], kwargs: Mapping[str, Any], key:
     """
     from titanax.config.schema import did_you_mean
 
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # a builtin without a signature: let the call speak
+    signature = call_signature(factory)
+    if signature is None:  # a builtin without a signature: let the call speak
         return
     params = signature.parameters
     name = name or qualified_name(factory)
@@ -111,6 +114,100 @@ def check_arguments(factory: Callable[..., Any], kwargs: Mapping[str, Any], key:
     except TypeError as error:
         raise ConfigError(f"{name} cannot be called with {key}: {error}",
                           suggestion=f"add the missing value under {key}") from None
+    for arg, value in kwargs.items():
+        if arg in params:
+            _check_type(factory, params[arg], value, f"{key}.{arg}", name)
+
+
+def _check_type(factory: Any, param: inspect.Parameter, value: Any, key: str, name: str) -> None:
+    """Refuse a value of a type the factory's annotation rules out (``hidden: int`` given
+    ``'abc'``), which would otherwise fail deep inside the model's first call. Only annotations
+    YAML values can be judged by (numbers, strings, booleans, lists, mappings, unions of them) are
+    checked; anything else (a dtype, a callable, ``Any``) is left to the call."""
+    from titanax.config.loader import _describe_type
+
+    hint = _resolve_annotation(factory, param.annotation)
+    if hint is None or _fits(value, hint) is not False:
+        return
+    written = param.annotation if isinstance(param.annotation, str) else inspect.formatannotation(hint)
+    expected = _describe_type(hint)
+    raise ConfigError(f"{key}={value!r} does not fit `{param.name}: {written}` in {name}",
+                      suggestion=f"write {key} as {expected}" if "another kind" not in expected
+                      else f"give {key} a value of type {written}")
+
+
+def _resolve_annotation(factory: Any, annotation: Any) -> Any:
+    """An annotation as a type (a string annotation evaluated in the factory's module), or
+    ``None`` when there is none or it cannot be evaluated."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    if not isinstance(annotation, str):
+        return annotation
+    module = sys.modules.get(getattr(factory, "__module__", ""), None)
+    try:
+        return eval(annotation, dict(vars(module)) if module else {})  # noqa: S307 - the user's own annotation
+    except Exception:  # a name only a type checker sees (TYPE_CHECKING imports): nothing to judge by
+        return None
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether a YAML value fits ``hint``: ``True``, ``False``, or ``None`` when it cannot be told."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_fits(value, member) for member in typing.get_args(hint)]
+        return True if True in verdicts else None if None in verdicts else False
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # an integer is a float too (`lr: 1`)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    container = origin or hint
+    if container in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple))  # YAML has lists only; a tuple parameter takes one
+    if container in (dict, collections.abc.Mapping):
+        return isinstance(value, collections.abc.Mapping)
+    return None
+
+
+def call_signature(factory: Callable[..., Any]) -> inspect.Signature | None:
+    """The parameters ``factory(...)`` takes, or ``None`` when Python cannot tell.
+
+    A class whose metaclass defines ``__call__(*args, **kwargs)`` (every ``flax.nnx.Module``:
+    ``inspect.signature(MyModel)`` reads ``(*args, **kwargs)`` under Flax 0.12) is read through its
+    ``__init__`` instead, so that ``rngs`` and the model's own arguments are seen.
+
+    Args:
+      factory: a function or a class.
+
+    Returns:
+      The signature, without ``self`` for a class.
+
+    Example:
+      >>> from flax import nnx
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, width: int, *, rngs: nnx.Rngs): ...
+      >>> list(call_signature(Net).parameters)
+      ['width', 'rngs']
+    """
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    kinds = {p.kind for p in signature.parameters.values()}
+    if isinstance(factory, type) and kinds <= {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+        try:
+            init = inspect.signature(factory.__init__)
+        except (TypeError, ValueError):
+            return signature
+        return init.replace(parameters=list(init.parameters.values())[1:])
+    return signature
 
 
 def qualified_name(obj: Any) -> str:

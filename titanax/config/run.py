@@ -7,14 +7,13 @@ and checks the combination before anything is compiled; :func:`train` runs it.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from titanax.config.imports import check_arguments, import_object, qualified_name
-from titanax.config.schema import RunConfig, did_you_mean
+from titanax.config.imports import call_signature, check_arguments, import_object, qualified_name
+from titanax.config.schema import RunConfig
 from titanax.data.source import DataSource
 from titanax.exceptions import ConfigError, TitanaxError
 
@@ -48,13 +47,15 @@ class Prepared:
 
 
 def _takes(factory: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
+    signature = call_signature(factory)
+    return signature is not None and name in signature.parameters
 
 
-def _model(cfg: RunConfig, example: Any) -> tuple[Any, Any]:
+def _model(cfg: RunConfig, example: Any, rules: Any, mesh: Any) -> tuple[Any, Any]:
+    """What ``Engine.init`` takes (an NNX factory ``rngs -> module``, or a built module) and the
+    example input a Linen module is initialized with."""
+    from titanax.parallel.tracing import tracing_context
+
     factory = import_object(cfg.model.factory, "model.factory")
     if not callable(factory):
         raise ConfigError(f"model.factory={cfg.model.factory!r} is not callable",
@@ -62,13 +63,16 @@ def _model(cfg: RunConfig, example: Any) -> tuple[Any, Any]:
     args = dict(cfg.model.args)
     if _takes(factory, "rngs"):  # NNX: Engine.init builds it directly sharded
         check_arguments(factory, args, "model.args", supplied=("rngs",))
+        _no_input(cfg)
         return (lambda rngs: factory(**args, rngs=rngs)), None
     check_arguments(factory, args, "model.args")
-    module = factory(**args)
+    with tracing_context(rules, mesh):  # as Titanax calls all model code (NNX's eager sharding off)
+        module = factory(**args)
     import flax.linen as nn
     from flax import nnx
 
     if isinstance(module, nnx.Module):
+        _no_input(cfg)
         return module, None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model.factory={cfg.model.factory!r} returned {type(module).__name__}, not a Flax module",
@@ -81,6 +85,15 @@ def _model(cfg: RunConfig, example: Any) -> tuple[Any, Any]:
         raise ConfigError(f"model.input={key!r} is not a key of the data's batches",
                           suggestion=f"use one of {keys}" if keys else "drop model.input: the batch is not a mapping")
     return module, example[key]
+
+
+def _no_input(cfg: RunConfig) -> None:
+    """``model.input`` picks the batch a Linen module is initialized with; an NNX model is built
+    without one, so a value there would be silently ignored."""
+    if cfg.model.input is not None:
+        raise ConfigError(f"model.input={cfg.model.input!r} is set but model.factory={cfg.model.factory!r} "
+                          "builds an NNX model, which is created without an example batch",
+                          suggestion="drop model.input (it is for Linen modules only)")
 
 
 def _source(cfg: RunConfig) -> DataSource:
@@ -100,19 +113,23 @@ def _source(cfg: RunConfig) -> DataSource:
     return source
 
 
-def _check_vocabulary(model: Any, source: DataSource) -> None:
+def _check_vocabulary(model: Any, source: DataSource, rules: Any, mesh: Any) -> None:
     """The token ids of ``source`` fit every parameter axis an NNX ``model`` (or factory) names
-    ``vocab``: the embedding's rows, the output head's columns."""
+    ``vocab``: the embedding's rows, the output head's columns. A factory is traced abstractly as
+    ``tx.shard`` traces it, under the plan's rules and mesh with Flax's eager sharding off (an eager
+    ``nnx.with_partitioning`` would otherwise need a mesh set by ``jax.set_mesh``)."""
     from flax import nnx
 
     from titanax.parallel.annotations import tree_leaves
+    from titanax.parallel.tracing import tracing_context
 
     if source.vocab_size is None:
         return
     if not isinstance(model, nnx.Module):
         if not (callable(model) and _takes(model, "rngs")):
             return  # a Linen module: its parameters exist only once initialized
-        model = nnx.eval_shape(lambda: model(rngs=nnx.Rngs(0)))
+        with tracing_context(rules, mesh):
+            model = nnx.eval_shape(lambda: model(rngs=nnx.Rngs(0)))
     for leaf in tree_leaves(nnx.state(model, nnx.Param)):
         for size, name in zip(leaf.shape, leaf.names or ()):
             if name == "vocab" and size < source.vocab_size:
@@ -164,18 +181,26 @@ def _config_words(text: str, section: str) -> str:
     ``DP(axis='batch')`` -> ``plan.data_parallel.axis='batch'``, ``MeshSpec shape (4, 4)`` ->
     ``mesh.shape [4, 4]``, ``data_parallel=tx.DP(axis='t')`` -> ``plan.data_parallel: {axis: 't'}``;
     ``section`` is the one the error came from (``compute=`` is ``precision.compute=`` only there,
-    ``total_steps`` is ``train.steps`` only in an optimizer's error)."""
+    ``total_steps`` is ``train.steps`` only in an optimizer's error, ``OrbaxCheckpoint(...)`` is
+    ``checkpoint.dir`` only in a checkpoint's, ``CSV(path=...)`` is ``logging.csv`` in a logger's)."""
     text = re.sub(r"\b(\w+)=tx\.(?:DP|FSDP|TP|PP)\((\w+)=([^()]*)\)", r"plan.\1: {\2: \3}", text)
     text = re.sub(r"\b(?:tx\.)?(DP|FSDP|TP|PP)\((\w+)=([^()]*)\)",
                   lambda m: f"plan.{_PARTS[m[1]]}.{m[2]}={m[3]}", text)
     text = re.sub(r"\b(DP|FSDP|TP|PP)\b(?= and | both)", lambda m: f"plan.{_PARTS[m[1]]}", text)
     text = re.sub(r"^rule \(", "plan.rules entry (", text)
     text = re.sub(r"\bPrecision\((\w+)=([^()]*)\)", r"precision.\1=\2", text)
-    text = re.sub(r"\bMeshSpec (shape|axes)=?\s*\(([^()]*)\)", r"mesh.\1 [\2]", text)
+    text = re.sub(r"\bMeshSpec (shape|axes)=?\s*\(([^()]*?),?\)", r"mesh.\1 [\2]", text)
     text = re.sub(r"\bMeshSpec\(axes=\(([^()]*)\)\)", r"mesh.axes=[\1]", text)
-    text = re.sub(r"\bshape=\(([^()]*)\)", r"mesh.shape=[\1]", text)
+    text = re.sub(r"\bshape=\(([^()]*?),?\)", r"mesh.shape=[\1]", text)
     if section == "precision":
         text = re.sub(r"(?<![.\w])(params|compute|loss_scale)=", r"precision.\1=", text)
+    if section == "checkpoint":  # tx.io.OrbaxCheckpoint's own words for its directory
+        text = re.sub(r"\bOrbaxCheckpoint\((?:directory=)?('[^']*'|\"[^\"]*\")\)", r"checkpoint.dir=\1", text)
+        text = re.sub(r"\bOrbaxCheckpoint\b", "checkpoint.dir", text)
+        text = re.sub(r"^checkpoint directory (\S+)", r"checkpoint.dir=\1", text)
+    if section == "logging":  # the loggers' own words for their paths
+        text = re.sub(r"\bCSV\(path=[^()]*\)", "logging.csv", text)
+        text = re.sub(r"\bTensorBoard\(logdir=[^()]*\)", "logging.tensorboard", text)
     if section == "optimizer":  # the schedule's arguments
         text = re.sub(r"(?<![.\w])total_steps\b", "train.steps", text)
         text = re.sub(r"(?<![.\w])warmup_steps\b", "optimizer.warmup_steps", text)
@@ -239,18 +264,32 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
     eval_step = _step(cfg.train.eval_step, "train.eval_step")
     eval_summary = _step(cfg.train.eval_summary, "train.eval_summary")
     source = _source(cfg)
-    model, example = _model(cfg, source.example)
-    _check_vocabulary(model, source)
+    if eval_step is not None and source.eval is None:  # `run` would skip every evaluation silently
+        raise ConfigError(f"train.eval_step={cfg.train.eval_step!r} is set but data.factory={cfg.data.factory!r} "
+                          "returned a DataSource without eval data",
+                          suggestion="return tx.data.DataSource(..., eval=held_out_batches) from the data "
+                          "factory, or drop train.eval_step")
+    rules = plan.resolved_rules()
+    model, example = _model(cfg, source.example, rules, mesh)
+    _check_vocabulary(model, source, rules, mesh)
     try:
         optimizer = cfg.optimizer.build(cfg.train.steps)
     except TitanaxError as error:
         raise _keyed(error, "optimizer", cfg.optimizer.args) from error
+    try:
+        checkpointer = cfg.checkpoint.build() if checkpoint else None
+    except TitanaxError as error:
+        raise _keyed(error, "checkpoint") from error
+    try:
+        built_loggers = cfg.logging.build() if loggers else ()
+    except TitanaxError as error:
+        raise _keyed(error, "logging") from error
     engine = Engine(
         mesh=mesh, plan=plan, optimizer=optimizer,
-        precision=precision, checkpoint=cfg.checkpoint.build() if checkpoint else None,
-        loggers=cfg.logging.build() if loggers else (), log_every=cfg.logging.every,
+        precision=precision, checkpoint=checkpointer,
+        loggers=built_loggers, log_every=cfg.logging.every,
         flops_per_example=cfg.logging.flops_per_example, tokens_per_example=source.tokens_per_example,
-        peak_flops=cfg.logging.peak_flops)
+        peak_flops=cfg.logging.peak_flops, on_nonfinite=cfg.train.on_nonfinite)
     return Prepared(config=cfg, engine=engine, model=model, model_example=example, source=source, step=step,
                     eval_step=eval_step, eval_summary=eval_summary)
 

@@ -316,12 +316,19 @@ class TrainConfig:
     eval_at_start: bool = False
     """Also evaluate before the first step (to report how far training moved the held-out loss)."""
     seed: int = 0
-    """Seed of the initialization, the per-step PRNG and the data order."""
+    """Seed of the initialization, the per-step PRNG and the data order (0 to 2**32 - 1)."""
+    on_nonfinite: Optional[int] = None
+    """Stop after this many steps in a row with a non-finite loss or gradients (each one's update
+    is skipped); ``None``: 1, or enough for a dynamic loss scale to fall to 1 (``Engine(on_nonfinite=)``)."""
 
     def __post_init__(self) -> None:
-        _positive("train", steps=self.steps, eval_every=self.eval_every)
+        _positive("train", steps=self.steps, eval_every=self.eval_every, on_nonfinite=self.on_nonfinite)
         if self.seed < 0:
             raise ConfigError(f"train.seed={self.seed} is negative", suggestion="use a seed >= 0")
+        if self.seed >= 2**32:  # JAX keys (without jax_enable_x64) keep the low 32 bits only
+            raise ConfigError(f"train.seed={self.seed} does not fit in 32 bits",
+                              suggestion=f"use a seed below 2**32 = {2**32}: JAX would keep only the low 32 "
+                              f"bits and train exactly as with train.seed={self.seed % 2**32}")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

@@ -19,7 +19,12 @@ What they add is checking, before tracing the collective:
 * array dimensions and permutations must fit the axis size (``all_gather``, ``reduce_scatter``,
   ``ppermute``, ``broadcast``) - a bad permutation otherwise traces and fails later in XLA;
 * a psum over axes along some of which the value is already replicated (it would be counted
-  several times) is reported in words instead of as JAX's replication-type error.
+  several times) is reported in words instead of as JAX's replication-type error;
+* reducing a value over axes along which it is already the same on every device — typically
+  reduced twice, ``psum(pmean(grads))`` — is refused by ``psum`` (JAX would silently multiply it
+  by the number of devices) and reported by ``pmean`` with a warning (the mean of identical values
+  is the value: harmless, unless an earlier ``psum`` made it a sum). Python numbers are exempt:
+  ``psum(1, "data")`` is the axis size.
 
 Example:
   >>> import jax, jax.numpy as jnp, titanax as tx
@@ -37,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import operator
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
 
@@ -44,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
 
-from titanax.exceptions import CollectiveError
+from titanax.exceptions import CollectiveError, TitanaxWarning
 from titanax.parallel.manual import varying_axes
 
 __all__ = [
@@ -155,6 +161,29 @@ def _replication_errors(op: str, names: tuple[str, ...]) -> Iterator[None]:
                        f"first: jax.lax.pcast(x, {_jax_axis(names)!r}, to='varying')") from e
 
 
+def _already_reduced(op: str, x: Any, names: tuple[str, ...]) -> None:
+    """Refuse (psum) or report (pmean) leaves that are already identical along every axis in
+    ``names``; only possible where JAX tracks which values vary (``check_vma=True``)."""
+    if not all(n in varying_axes(jax.lax.axis_index(n)) for n in names):
+        return  # replication is not tracked here: every value looks replicated
+    same = [path for path, leaf in _leaves_with_paths(x)
+            if isinstance(leaf, jax.Array) and not varying_axes(leaf) & set(names)]
+    if not same:
+        return
+    axis = _jax_axis(names)
+    n = _size(names)
+    shown = ", ".join(same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3 else "")
+    message = (f"tx.collectives.{op} over {axis!r}: {shown} is already the same on every device "
+               f"along {axis!r} (reduced before, e.g. by a pmean or psum, or never split)")
+    if op == "psum":
+        raise CollectiveError(
+            f"{message}, so the sum would multiply it by {n}",
+            suggestion="reduce each value once (grads = tx.collectives.pmean(grads, axis) alone); if "
+            f"the multiple is intended, write x * tx.collectives.axis_size({axis!r})")
+    warnings.warn(f"{message}: the mean returns it unchanged; if an earlier psum reduced it, it is a "
+                  "sum, not a mean. Reduce each value once.", TitanaxWarning, stacklevel=3)
+
+
 def _leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [(jax.tree_util.keystr(path) or "x", leaf) for path, leaf in flat]
@@ -189,8 +218,8 @@ def psum(x: Any, axis_name: AxisName) -> Any:
     """Sum ``x`` over the devices along ``axis_name``: every device gets the total.
 
     Same result as ``jax.lax.psum``. Under ``check_vma`` a value that is already replicated along
-    *some* of the axes (while varying along others) is an error - it would be counted once per
-    device - raised as :class:`CollectiveError`.
+    the axes - reduced before, or never split - is an error, raised as :class:`CollectiveError`:
+    it would be counted once per device (``psum(pmean(g))`` is ``n * g``).
 
     Args:
       x: a pytree of arrays (or Python numbers: ``psum(1, "data")`` is the axis size).
@@ -207,6 +236,7 @@ def psum(x: Any, axis_name: AxisName) -> Any:
       >>> grads = tx.collectives.psum(grads, "data")          # doctest: +SKIP
     """
     names = _check_axes("psum", axis_name)
+    _already_reduced("psum", x, names)
     with _replication_errors("psum", names):
         return jax.lax.psum(x, _jax_axis(names))
 
@@ -231,6 +261,7 @@ def pmean(x: Any, axis_name: AxisName) -> Any:
       >>> grads = tx.collectives.pmean(grads, "data")         # doctest: +SKIP
     """
     names = _check_axes("pmean", axis_name)
+    _already_reduced("pmean", x, names)
     with _replication_errors("pmean", names):
         return jax.lax.pmean(x, _jax_axis(names))
 

@@ -18,9 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from titanax.data import DevicePrefetcher, to_global
 from titanax.io.checkpoint import CheckpointStrategy
 from titanax.exceptions import PlanError, TitanaxError
+from titanax.exec.nonfinite import NonFiniteWatch, default_limit
 from titanax.exec.precision import Precision
 from titanax.exec.state import TrainState, create_train_state
-from titanax.exec.step import StepFunction, step_fn
+from titanax.exec.step import StepFunction, layout_key, scalar_metrics, step_fn
 from titanax.logging import Logger, MultiLogger, ThroughputMeter, peak_flops_per_device
 from titanax.parallel.plan import Plan
 from titanax.parallel.shard import ShardedModel, resolve_mesh, resolve_rules, shard
@@ -58,6 +59,7 @@ class Engine:
         peak_flops: float | None = None,
         prefetch: int = 2,
         max_steps_in_flight: int = 4,
+        on_nonfinite: int | None = None,
     ) -> None:
         """
         Args:
@@ -76,6 +78,13 @@ class Engine:
           max_steps_in_flight: steps dispatched ahead of the oldest unfinished one. JAX dispatches
             asynchronously; the bound keeps the host from running far ahead, holding the batches
             and metrics of every queued step, and keeps the logged step times close to the work.
+          on_nonfinite: stop with :class:`~titanax.NonFiniteError` after this many steps in a row
+            whose loss or gradients are not finite. Each such step's update is skipped in the
+            compiled step (parameters, optimizer and model state stay as they were, so no
+            checkpoint holds NaN); the engine sees it as the step completes, at most
+            ``max_steps_in_flight`` steps later, and always before a checkpoint is written.
+            ``None``: the first one stops the run — under dynamic loss scaling, where overflow
+            steps are expected, ``log2(initial_scale) + 2`` in a row do.
         """
         self.mesh = resolve_mesh(mesh)
         self.plan, self.rules = resolve_rules(plan, self.mesh)
@@ -95,6 +104,13 @@ class Engine:
             raise PlanError(f"Engine(max_steps_in_flight={max_steps_in_flight!r}) must be a positive integer",
                             suggestion="use max_steps_in_flight=4")
         self.max_steps_in_flight = max_steps_in_flight
+        if on_nonfinite is None:
+            on_nonfinite = default_limit(self.precision)
+        if not isinstance(on_nonfinite, int) or isinstance(on_nonfinite, bool) or on_nonfinite < 1:
+            raise PlanError(f"Engine(on_nonfinite={on_nonfinite!r}) must be a positive integer",
+                            suggestion="stop at the first non-finite step with on_nonfinite=1, or allow "
+                            "a few bad batches in a row with e.g. on_nonfinite=3")
+        self.on_nonfinite = on_nonfinite
         self.state: TrainState | None = None
 
     # ------------------------------------------------------------------------------------ init
@@ -164,6 +180,9 @@ class Engine:
             raise TitanaxError("Engine.fit has no state to train",
                                suggestion="call engine.init(model, example=...) first, or pass state=")
         step = step if isinstance(step, StepFunction) else step_fn(step)
+        check_run = getattr(self.checkpoint, "check_run", None)
+        if check_run is not None:  # a keep_best metric no save could carry is refused up front
+            check_run(evaluates=eval_step is not None and eval_data is not None)
         batches = self._device_batches(data)
         if self.checkpoint is not None:
             restored = self.checkpoint.restore_latest(state)
@@ -201,7 +220,19 @@ class Engine:
               eval_summary: Any, hooks: Sequence[Hook], preempted: list[str]) -> TrainState:
         meter: ThroughputMeter | None = None
         pending: list[dict[str, jax.Array]] = []
-        in_flight: collections.deque[dict[str, jax.Array]] = collections.deque()
+        # (step, metrics) dispatched but not yet seen complete; checked for non-finite values as
+        # they leave, which also bounds how far the host runs ahead.
+        in_flight: collections.deque[tuple[int, dict[str, jax.Array]]] = collections.deque()
+        watch = NonFiniteWatch(self.on_nonfinite, int(jax.device_get(state.skipped_steps)))
+        check_metrics = getattr(self.checkpoint, "check_metrics", None)  # until a log settles it
+
+        def settle(keep: int) -> None:
+            while len(in_flight) > keep:
+                done, metrics = in_flight.popleft()
+                values = jax.device_get({k: metrics[k] for k in ("skipped_steps", "loss") if k in metrics})
+                loss = values.get("loss")
+                watch.observe(done, float(values["skipped_steps"]), None if loss is None else float(loss))
+
         current = start
         try:
             for batch in batches:
@@ -210,15 +241,15 @@ class Engine:
                 state, metrics = step(state, batch)
                 current += 1
                 pending.append(metrics)
-                in_flight.append(metrics)
-                if len(in_flight) > self.max_steps_in_flight:
-                    jax.block_until_ready(in_flight.popleft())
+                in_flight.append((current, metrics))
+                settle(self.max_steps_in_flight)
                 if current == start + 1:  # start the clock after compilation
                     jax.block_until_ready(metrics)
                     meter.update(current)
                 last = current >= steps or bool(preempted)
                 logged = None
                 if current % self.log_every == 0 or last:
+                    settle(0)
                     logged = self._fetch(pending)
                     logged.update(meter.update(current))
                     pending = []
@@ -228,9 +259,12 @@ class Engine:
                         meter.reset()  # evaluation time is not training throughput
                         meter.update(current)
                     self.logger.log(current, logged)
+                    if check_metrics is not None and check_metrics(logged.keys()):
+                        check_metrics = None
                     for hook in hooks:
                         hook(current, state, logged)
-                if self.checkpoint is not None:
+                if self.checkpoint is not None and _save_due(self.checkpoint, current, last):
+                    settle(0)  # never write a checkpoint while a bad step may be unseen
                     self.checkpoint.maybe_save(current, state, data_state=_data_state(batches),
                                                force=last, metrics=logged,
                                                meta={"plan": repr(self.plan or self.rules)})
@@ -286,13 +320,14 @@ class Engine:
     # --------------------------------------------------------------------------------- helpers
     def _eval_jit(self, eval_step: Callable[..., Any], state: TrainState) -> Callable[..., Any]:
         cache = self.__dict__.setdefault("_eval_cache", {})
-        key = (eval_step, jax.tree.structure(state))
+        name = getattr(eval_step, "__name__", repr(eval_step))
+        key = (eval_step, layout_key(state, owner=f"eval step {name!r}"))
         if key not in cache:
             replicated = NamedSharding(self.mesh, PartitionSpec())
             state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
             def run(state: TrainState, batch: Any) -> dict[str, jax.Array]:
-                return {k: jax.numpy.asarray(v, jax.numpy.float32) for k, v in eval_step(state, batch).items()}
+                return scalar_metrics(eval_step(state, batch), f"eval step {name!r}")
 
             cache[key] = jax.jit(run, in_shardings=(state_shardings, None), out_shardings=replicated)
         return cache[key]
@@ -314,6 +349,8 @@ class Engine:
         for cumulative in ("loss_scale", "skipped_steps"):  # states, not per-step values
             if cumulative in fetched[-1]:
                 out[cumulative] = float(fetched[-1][cumulative])
+        if out.get("skipped_steps") == 0 and "loss_scale" not in out:
+            del out["skipped_steps"]  # shown once a step has been skipped (always under loss scaling)
         return out
 
     def _meter(self, step: StepFunction, state: TrainState, batch: Any) -> ThroughputMeter:
@@ -352,6 +389,12 @@ def _catch_preemption(flag: list[str]):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _save_due(checkpoint: CheckpointStrategy, step: int, force: bool) -> bool:
+    """Whether ``checkpoint`` would save at ``step`` (a strategy without ``due`` may, any step)."""
+    due = getattr(checkpoint, "due", None)
+    return True if due is None else bool(due(step, force=force))
 
 
 def _is_global(batch: Any) -> bool:

@@ -19,7 +19,7 @@ from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel
 from titanax.parallel.sharding import path_string, place
 
-__all__ = ["TrainState", "create_train_state"]
+__all__ = ["TrainState", "all_finite", "create_train_state"]
 
 
 @struct.dataclass
@@ -50,6 +50,10 @@ class TrainState:
     """Loss-scaling state when ``Precision(loss_scale=...)`` is set."""
     grad_accum: Any
     """Gradients summed over the microbatches of one step (only while accumulating)."""
+    skipped_steps: jax.Array
+    """Updates skipped because their gradients were not finite (int32, replicated; counted from
+    the start of this run, not stored in checkpoints): such a step leaves parameters, optimizer
+    state and model state as they were. ``tx.Engine`` stops after ``on_nonfinite`` in a row."""
     apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
     optimizer: optax.GradientTransformation = struct.field(pytree_node=False)
     precision: Precision = struct.field(pytree_node=False)
@@ -59,25 +63,53 @@ class TrainState:
     accumulating: bool = struct.field(pytree_node=False, default=False)
     manual_axes: tuple[str, ...] = struct.field(pytree_node=False, default=())
     """Inside a manual-mode step: the mesh axes gradients must be reduced over."""
+    step_record: Any = struct.field(pytree_node=False, default=None)
+    """Inside a ``@tx.step_fn``: notes what the step body did with this state (trace time only)."""
 
-    def apply(self, params: Any, *args: Any, **kwargs: Any) -> Any:
+    def apply(self, params: Any, *args: Any, mutable: Any = False, **kwargs: Any) -> Any:
         """Run the model with ``params`` under the precision policy (use inside your loss).
 
         Parameters and floating inputs are cast to the compute dtype inside the differentiated
         function, so gradients come back in the master dtype; floating outputs are cast back. Under
         loss scaling, the output carries the scale into the backward pass.
 
+        A model that updates state as it runs — batch statistics, and for NNX the counters of the
+        RNG streams ``nnx.Dropout`` draws from — needs ``mutable``: the call then returns the new
+        model state too, which the step keeps with ``apply_gradients(..., model_state=...)``. An
+        NNX call that changes state without ``mutable`` raises instead of dropping the change
+        (Linen raises by itself).
+
+        Args:
+          params: the parameters to run with (differentiate with respect to these).
+          *args: the model's inputs.
+          mutable: ``True`` (Linen also: a collection or list, e.g. ``["batch_stats"]``) to get
+            ``(output, new_model_state)``.
+          **kwargs: the model's keyword arguments (``train=True``, Linen ``rngs={...}``).
+
+        Returns:
+          The model's output, or ``(output, new_model_state)`` with ``mutable``.
+
         Example:
           >>> def loss_fn(params, batch):                                     # doctest: +SKIP
-          ...     logits = state.apply(params, batch["image"])
-          ...     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+          ...     logits, model_state = state.apply(params, batch["image"], train=True, mutable=True)
+          ...     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+          ...     return loss, model_state
+          >>> (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+          >>> state = state.apply_gradients(grads=grads, model_state=model_state)
         """
         cast = self.precision.cast_to_compute
-        out = self.apply_fn(cast(params), self.model_state, *cast(args), **cast(kwargs))
+        result = self.apply_fn(cast(params), self.model_state, *cast(args), mutable=mutable, **cast(kwargs))
+        out, new_model_state = result if mutable is not False else (result, None)
         out = self.precision.cast_to_params(out)
         if self.loss_scale is not None:
             out = scale_cotangent(out, jax.lax.stop_gradient(self.loss_scale.scale))
-        return out
+        if mutable is False:
+            return out
+        if self.step_record is not None:
+            self.step_record.mutable_applied = True
+        # Statistics computed in a reduced compute dtype go back in the dtype they are kept in.
+        new_model_state = jax.tree.map(_like, new_model_state, self.model_state)
+        return out, new_model_state
 
     def apply_gradients(self, *, grads: Any, **changes: Any) -> TrainState:
         """One optimizer update (or, while accumulating microbatches, add ``grads`` to the sum).
@@ -100,18 +132,36 @@ class TrainState:
         if self.loss_scale is not None:
             inverse = 1.0 / self.loss_scale.scale
             grads = jax.tree.map(lambda g: g * inverse.astype(g.dtype), grads)
-            finite = jnp.array(True)
-            for g in jax.tree.leaves(grads):
-                finite = finite & jnp.all(jnp.isfinite(g))
+        finite = all_finite(grads)
         updates, opt_state = self.optimizer.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
+        # A non-finite gradient (a bad batch, a loss-scale overflow) must not reach the state: the
+        # step keeps what it had, so no later checkpoint can hold NaN from it.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params, opt_state = keep(params, self.params), keep(opt_state, self.opt_state)
+        if "model_state" in changes:
+            changes["model_state"] = keep(changes["model_state"], self.model_state)
         loss_scale = self.loss_scale
         if loss_scale is not None:
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            params, opt_state = keep(params, self.params), keep(opt_state, self.opt_state)
             loss_scale = loss_scale.adjust(finite, self.precision)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state,
-                            loss_scale=loss_scale, **changes)
+                            loss_scale=loss_scale,
+                            skipped_steps=self.skipped_steps + (~finite).astype(jnp.int32), **changes)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating value in ``tree`` is finite (a boolean scalar)."""
+    finite = jnp.array(True)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+    return finite
+
+
+def _like(new: Any, old: Any) -> Any:
+    if jnp.issubdtype(jnp.result_type(new), jnp.floating) and jnp.result_type(new) != jnp.result_type(old):
+        return new.astype(jnp.result_type(old))
+    return new
 
 
 def _check_reduced(grads: Any, axes: tuple[str, ...]) -> None:
@@ -189,7 +239,8 @@ def create_train_state(
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     replicated = _replicated(mesh)
     loss_scale = precision.initial_loss_scale()
-    step, key, loss_scale = place((jnp.zeros((), jnp.int32), key, loss_scale), replicated)
+    step, skipped, key, loss_scale = place(
+        (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), key, loss_scale), replicated)
     return TrainState(
         step=step,
         params=params,
@@ -198,6 +249,7 @@ def create_train_state(
         model_state=model.model_state,
         loss_scale=loss_scale,
         grad_accum=None,
+        skipped_steps=skipped,
         apply_fn=model.apply_with_state,
         optimizer=optimizer,
         precision=precision,

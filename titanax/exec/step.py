@@ -3,8 +3,11 @@ shardings, the state donated, the PRNG threaded, and microbatches accumulated.""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, overload
 
 import jax
@@ -14,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from titanax.exceptions import CollectiveError, ShardingError, TitanaxError
 from titanax.parallel.manual import as_varying, varying_axes
+from titanax.parallel.sharding import path_string
 from titanax.exec.state import TrainState
 
 __all__ = ["StepFunction", "step_fn", "batch_shardings"]
@@ -66,12 +70,20 @@ def _check_metrics_reduced(metrics: Mapping[str, jax.Array], axes: tuple[str, ..
             )
 
 
+@dataclasses.dataclass
+class StepRecord:
+    """What a step body did with its state while it was traced (see ``TrainState.step_record``)."""
+
+    mutable_applied: bool = False
+    """``state.apply(..., mutable=...)`` returned a new model state."""
+
+
 class StepFunction:
     """A training (or evaluation) step, compiled on first use for the state's layout.
 
     Call it in your own loop — ``state, metrics = train_step(state, batch)`` — or hand it to
-    :meth:`tx.Engine.fit`. It compiles once per state structure and batch shape: later calls reuse
-    the executable.
+    :meth:`tx.Engine.fit`. It compiles once per layout of the state (structure, shapes, dtypes and
+    shardings of its arrays) and per batch shape: later calls reuse the executable.
     """
 
     def __init__(self, fn: StepBody, *, manual: bool = False, donate: bool = True) -> None:
@@ -80,22 +92,27 @@ class StepFunction:
         self.manual = manual
         self.donate = donate
         self._compiled: dict[Any, Callable[..., Any]] = {}
+        self._batch_shapes: dict[str, tuple[tuple[int, ...], Any]] | None = None
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-        return self.jitted(state, batch)(state, batch)
+        jitted = self.jitted(state, batch)
+        with explained(self, state, batch):
+            return jitted(state, batch)
 
     def lower(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
         """The compiled program's lowering, for ``tx.profiling.inspect``."""
-        return self.jitted(state, batch).lower(state, batch)
+        jitted = self.jitted(state, batch)
+        with explained(self, state, batch):
+            return jitted.lower(state, batch)
 
     def jitted(self, state: TrainState, batch: Any) -> Callable[..., Any]:
-        """The ``jax.jit``-wrapped step for this state's layout (built once, then cached)."""
+        """The ``jax.jit``-wrapped step for this state's layout and batch shape (built once)."""
         if not isinstance(state, TrainState):
             raise TitanaxError(
                 f"a step function takes a tx.TrainState first, got {type(state).__name__}",
                 suggestion="create one with engine.init(...) or tx.create_train_state(sharded_model, optimizer)",
             )
-        key = jax.tree.structure(state)
+        key = (layout_key(state, owner=f"step {self.__name__!r}"), _batch_key(batch))
         jitted = self._compiled.get(key)
         if jitted is None:
             jitted = self._compiled[key] = self._build(state, batch)
@@ -107,6 +124,7 @@ class StepFunction:
         replicated = NamedSharding(state.mesh, PartitionSpec())
         body = self._body
         if self.manual:
+            _check_manual_layout(state)
             specs = lambda tree: jax.tree.map(lambda s: s.spec, tree)  # noqa: E731
             body = jax.shard_map(self._body, mesh=state.mesh,
                                  in_specs=(specs(state_shardings), specs(in_batch)),
@@ -147,26 +165,173 @@ class StepFunction:
         new_state = new_state.replace(rng=base_rng)
         if self.manual:
             _check_metrics_reduced(metrics, _batch_axes(state))
+        metrics = {**metrics, "skipped_steps": new_state.skipped_steps}
         if new_state.loss_scale is not None:
-            metrics = {**metrics, "loss_scale": new_state.loss_scale.scale,
-                       "skipped_steps": new_state.loss_scale.skipped}
+            metrics["loss_scale"] = new_state.loss_scale.scale
         return new_state, metrics
 
     def _call_user(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-        result = self.fn(state, batch)
+        name = getattr(self.fn, "__name__", repr(self.fn))
+        record = StepRecord()
+        try:
+            result = self.fn(state.replace(step_record=record), batch)
+        except TypeError as err:
+            shape = _NON_SCALAR_GRADIENT.search(str(err))
+            if shape is None:
+                raise
+            raise TitanaxError(
+                f"step function {name!r}: the function given to jax.grad returns shape "
+                f"{shape.group(1)}, not a scalar (one loss per example?)",
+                suggestion="reduce the loss to one number, e.g. `return per_example_loss.mean()`, "
+                "and log per-example values as metrics if you need them",
+            ) from err
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], TrainState)):
             raise TitanaxError(
-                f"step function {getattr(self.fn, '__name__', self.fn)!r} must return "
-                f"(state, metrics), got {type(result).__name__}",
+                f"step function {name!r} must return (state, metrics), got {type(result).__name__}",
                 suggestion="end it with `return state.apply_gradients(grads=grads), {'loss': loss}`",
             )
         new_state, metrics = result
-        if not isinstance(metrics, Mapping):
+        if record.mutable_applied and new_state.model_state is state.model_state:
             raise TitanaxError(
-                f"step function metrics must be a dict of scalars, got {type(metrics).__name__}",
-                suggestion="return e.g. {'loss': loss, 'accuracy': acc}",
+                f"step function {name!r} asked state.apply(..., mutable=...) for the model's new "
+                "state (batch statistics, RNG counters) but returned a state without it: the "
+                "update would be lost every step",
+                suggestion="return it from the loss as aux and keep it: "
+                "`state.apply_gradients(grads=grads, model_state=model_state)`",
             )
-        return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        return new_state.replace(step_record=None), scalar_metrics(metrics, f"step function {name!r}")
+
+
+_NON_SCALAR_GRADIENT = re.compile(r"Gradient only defined for scalar-output functions\. Output had shape: (\([^)]*\))")
+
+
+def scalar_metrics(metrics: Any, owner: str) -> dict[str, jax.Array]:
+    """``metrics`` as float32 scalars, or a TitanaxError naming the one that is not a scalar."""
+    if not isinstance(metrics, Mapping):
+        raise TitanaxError(
+            f"{owner}: metrics must be a dict of scalars, got {type(metrics).__name__}",
+            suggestion="return e.g. {'loss': loss, 'accuracy': acc}",
+        )
+    out = {}
+    for key, value in metrics.items():
+        shape = np.shape(value)
+        if shape:
+            raise TitanaxError(
+                f"{owner}: metric {key!r} has shape {shape}; metrics are scalars (one number per step)",
+                suggestion=f"reduce it, e.g. {{{key!r}: value.mean()}}",
+            )
+        out[key] = jnp.asarray(value, jnp.float32)
+    return out
+
+
+def layout_key(state: TrainState, *, owner: str) -> tuple:
+    """What a compiled step is specialised to: the state's structure and each array's shape, dtype
+    and sharding. Refuses a state whose buffers were donated to an earlier call."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    signature = []
+    for path, leaf in leaves:
+        if isinstance(leaf, jax.Array):
+            if leaf.is_deleted():
+                raise TitanaxError(
+                    f"{owner} got a state whose array {path_string(path)!r} was deleted: the state "
+                    "was donated to an earlier call (its buffers now hold the state that call "
+                    "returned)",
+                    suggestion="use the state each call returns (`state, metrics = train_step(state, "
+                    "batch)`), or build the step with @tx.step_fn(donate=False) to keep old states "
+                    "usable at the cost of memory",
+                )
+            signature.append((leaf.shape, leaf.dtype, leaf.sharding))
+        else:
+            signature.append((np.shape(leaf), type(leaf)))
+    return treedef, tuple(signature)
+
+
+def _batch_key(batch: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(batch)
+    return treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves)
+
+
+def _check_manual_layout(state: TrainState) -> None:
+    """Manual mode runs the body on per-device blocks: only replicated parameters are whole."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+        spec = leaf.sharding.spec
+        if any(entry is not None for entry in spec):
+            full = tuple(leaf.shape)
+            block = tuple(leaf.sharding.shard_shape(full))
+            raise ShardingError(
+                f"@tx.step_fn(manual=True) runs the step once per device on that device's blocks, "
+                f"but parameter {path_string(path)!r} is split by the plan ({spec}): the body would "
+                f"see a {block} block of the {full} array and compute with it as if it were whole",
+                suggestion="use the default mode (drop manual=True; XLA inserts the collectives for "
+                "TP and FSDP), or a plan whose parameters are replicated (data parallel only) for "
+                "hand-written collectives",
+            )
+
+
+@contextlib.contextmanager
+def explained(step: StepFunction, state: TrainState, batch: Any) -> Iterator[None]:
+    """Turn the raw JAX/Flax errors a step raises on common mistakes into TitanaxErrors naming the
+    culprit: the batch leaf that changed shape since the step compiled, a float leaf an
+    embedding got, a batch already placed on other devices."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        better = None if isinstance(err, TitanaxError) else _explain(step, state, batch, err)
+        if better is None:
+            raise
+        raise better from err
+    if step._batch_shapes is None:
+        step._batch_shapes = _leaf_shapes(batch)
+
+
+def _explain(step: StepFunction, state: TrainState, batch: Any, err: BaseException) -> TitanaxError | None:
+    text = str(err)
+    name = getattr(step.fn, "__name__", "step")
+    shapes = _leaf_shapes(batch)
+    if "does not match the sharding" in text:
+        expected = batch_shardings(state, batch)
+        for (path, leaf), want in zip(jax.tree_util.tree_flatten_with_path(batch)[0], jax.tree.leaves(expected)):
+            have = getattr(leaf, "sharding", None)
+            if isinstance(leaf, jax.Array) and not have.is_equivalent_to(want, leaf.ndim):
+                devices = sorted(d.id for d in have.device_set)
+                layout = f" {have.spec}" if hasattr(have, "spec") else ""
+                return ShardingError(
+                    f"batch leaf {path_string(path) or 'batch'!r} is already placed on devices {devices} "
+                    f"({type(have).__name__}{layout}); step {name!r} takes it split over the mesh as "
+                    f"{want.spec}",
+                    suggestion="pass host (NumPy) batches and let Titanax place them, or place them on "
+                    "the step's mesh first: tx.data.to_global(batch, mesh, plan) / "
+                    "sharded_model.shard_batch(batch)",
+                )
+        return None
+    if "Input type must be an integer" in text:
+        floats = [p for p, (_, dtype) in shapes.items() if np.issubdtype(np.dtype(dtype), np.floating)]
+        if floats:
+            return TitanaxError(
+                f"step {name!r}: an embedding lookup got non-integer ids; batch leaves {floats} are "
+                f"{[str(shapes[p][1]) for p in floats]}",
+                suggestion="feed token ids as integers (np.int32) from the data pipeline; a float id "
+                "would otherwise have to be rounded, which silently changes tokens",
+            )
+    previous = step._batch_shapes
+    if previous is not None:
+        changed = [(p, previous[p], shapes[p]) for p in shapes
+                   if p in previous and previous[p][0][1:] != shapes[p][0][1:]]
+        if changed:
+            path, old, new = changed[0]
+            return ShardingError(
+                f"step {name!r} was compiled for batch leaf {path!r} of shape {old[0]} ({old[1]}) and "
+                f"now gets shape {new[0]}: the model fails on it ({type(err).__name__}: "
+                f"{text.splitlines()[0][:200]})",
+                suggestion="keep every example's shape fixed for a run (pad or crop in the data "
+                "pipeline); only the batch (leading) dimension may change",
+            )
+    return None
+
+
+def _leaf_shapes(batch: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    return {path_string(path) or "batch": (tuple(np.shape(leaf)), getattr(leaf, "dtype", type(leaf)))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]}
 
 
 @overload

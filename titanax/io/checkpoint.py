@@ -3,16 +3,21 @@
 Saves are asynchronous (training continues while the arrays are written), atomic (Orbax writes a
 temporary directory and renames it when complete, so a crash mid-save never hides the previous
 step) and restore onto whatever layout the *current* plan and mesh give the state: a checkpoint
-written under TP 2 restores under FSDP 8 or on fewer devices. Nothing in a checkpoint is executed:
-arrays, JSON and no pickle.
+written under TP 2 restores under FSDP 8 or on fewer devices. Before any array is read, the saved
+tree (paths, shapes, dtypes, from Orbax's metadata) is compared with the state it restores into: a
+checkpoint of another model or optimizer is refused naming the first array that differs, and a
+dtype change (saved float32, restored as bfloat16) is a warning. Nothing in a checkpoint is
+executed: arrays, JSON and no pickle.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -24,10 +29,27 @@ __all__ = ["CheckpointStrategy", "OrbaxCheckpoint"]
 
 _ITEMS = ("state", "data", "meta")
 
+# What a differing array says about the run that wrote the checkpoint, by the TrainState field
+# it sits in.
+_WRITTEN_WITH = {
+    "params": "model",
+    "model_state": "model",
+    "opt_state": "optimizer",
+    "loss_scale": "loss scaling (Precision(loss_scale=...))",
+    "rng": "PRNG key implementation",
+}
+
 
 @runtime_checkable
 class CheckpointStrategy(Protocol):
-    """What ``tx.Engine`` asks of a checkpointer."""
+    """What ``tx.Engine`` asks of a checkpointer.
+
+    The engine also uses these methods when a checkpointer has them (``OrbaxCheckpoint`` does):
+    ``due(step, *, force)`` — whether ``maybe_save`` would save now, so that the engine checks the
+    steps still in flight for non-finite values before a save and never syncs otherwise (without
+    it, every step counts as due); ``check_run(*, evaluates)`` before training and
+    ``check_metrics(names)`` after a logged step, to refuse a run whose saves can never be ranked.
+    """
 
     def restore_latest(self, state: Any) -> tuple[Any, Any] | None:
         """The newest saved ``(state, data_state)`` laid out like ``state``, or ``None``."""
@@ -42,7 +64,9 @@ class CheckpointStrategy(Protocol):
 
 
 def _arrays_of(state: Any) -> dict[str, Any]:
-    """The array part of a TrainState; PRNG keys as their raw data (Orbax stores plain arrays)."""
+    """The array part of a TrainState. ``rng`` goes as its raw key data (the on-disk format since
+    the first release); typed keys elsewhere (an NNX module's ``RngKey`` in ``model_state``) are
+    stored by Orbax as their data with the key implementation alongside, and come back as keys."""
     return {
         "step": state.step,
         "params": state.params,
@@ -59,8 +83,50 @@ def _abstract(tree: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class _Best:
+    """``keep_best``: the logged metric that ranks saves, and whether lower or higher is better."""
+
     metric: str
     mode: str
+
+    def score(self, metrics: Mapping[str, Any] | None) -> float | None:
+        """How good a save with ``metrics`` is, higher better; ``None`` when it does not carry the
+        metric. A non-finite value (a diverged evaluation) ranks last."""
+        if not metrics or self.metric not in metrics:
+            return None
+        value = float(metrics[self.metric])
+        if not math.isfinite(value):
+            return -math.inf
+        return -value if self.mode == "min" else value
+
+    def orbax_score(self, metrics: Mapping[str, Any] | None) -> float:
+        """:meth:`score` for Orbax, which wants a number for every save: one without the metric
+        ranks last."""
+        score = self.score(metrics)
+        return -math.inf if score is None else score
+
+
+@dataclasses.dataclass(frozen=True)
+class _KeepBestAndNewest:
+    """Orbax preservation policy for ``keep_best``: the ``keep`` best saves that carry the metric,
+    plus the newest save whatever it carries, because a resume starts from it.
+
+    Orbax's own ``BestN`` either deletes a save without metrics at once (so a forced save at
+    preemption would vanish) or keeps every such save forever; neither is what a run wants.
+    Orbax applies the policy after the new step is committed, so deletion never races a save.
+    """
+
+    best: _Best
+    keep: int | None
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        if self.keep is None or not checkpoints:
+            return [True] * len(checkpoints)
+        newest = max(info.step for info in checkpoints)
+        scores = {info.step: self.best.score(info.metrics) for info in checkpoints}
+        ranked = sorted((step for step, score in scores.items() if score is not None),
+                        key=lambda step: scores[step], reverse=True)
+        kept = set(ranked[: self.keep]) | {newest}
+        return [info.step in kept for info in checkpoints]
 
 
 class OrbaxCheckpoint:
@@ -89,9 +155,15 @@ class OrbaxCheckpoint:
           keep: how many steps to hold on disk (``None``: all).
           async_save: write in the background while training continues.
           keep_best: keep the best steps by a logged metric instead of the newest: a name
-            (``"eval/loss"``, lower is better) or ``(name, "min" | "max")``.
+            (``"eval/loss"``, lower is better) or ``(name, "min" | "max")``. Saves still happen
+            every ``every`` steps, at the end and on preemption; the ``keep`` best of those that
+            carry the metric stay, and so does the newest save (a resume needs it) even without it.
           fallback: when the newest step is corrupt, restore the newest intact one (with a
             warning) instead of raising :class:`CheckpointError`.
+
+        Raises:
+          CheckpointError: a bad ``every``, ``keep`` or ``keep_best``; ``directory`` is a file,
+            or holds numbered folders that are not Titanax checkpoints.
         """
         import orbax.checkpoint as ocp
 
@@ -101,30 +173,85 @@ class OrbaxCheckpoint:
         if keep is not None and (not isinstance(keep, int) or keep < 1):
             raise CheckpointError(f"OrbaxCheckpoint(keep={keep!r}) must be a positive integer or None",
                                   suggestion="keep e.g. the newest 3 steps: keep=3")
-        best = None
-        if keep_best is not None:
-            name, mode = (keep_best, "min") if isinstance(keep_best, str) else tuple(keep_best)
-            if mode not in ("min", "max"):
-                raise CheckpointError(f"keep_best mode {mode!r} is not 'min' or 'max'",
-                                      suggestion="write keep_best=('eval/accuracy', 'max')")
-            best = _Best(name, mode)
+        best = _parse_keep_best(keep_best)
         self.directory = os.path.abspath(os.fspath(directory))
+        _check_directory(self.directory, keep)
         self.every = every
         self.keep = keep
         self.async_save = async_save
         self.best = best
         self.fallback = fallback
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=keep if best is None else None,
             save_interval_steps=1,  # the engine decides when; see maybe_save
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
-            best_fn=(lambda metrics: float(metrics[best.metric])) if best else None,
-            best_mode=best.mode if best else "max",
-            keep_checkpoints_without_metrics=best is None,
+            # Orbax writes a step's metrics (and reads them back after a restart) only when
+            # best_fn is set; which steps stay is _KeepBestAndNewest's decision.
+            best_fn=best.orbax_score if best else None,
+            best_mode="max",
+            preservation_policy=_KeepBestAndNewest(best, keep) if best else None,
         )
         self._ocp = ocp
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        # Handlers named up front, so that a fresh process can read a step's metadata before
+        # its first restore (without them Orbax reports the items as unknown).
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    # ------------------------------------------------------------------------ run checks
+    def check_run(self, *, evaluates: bool) -> None:
+        """Refuse a run in which no save could carry the ``keep_best`` metric.
+
+        Args:
+          evaluates: whether the run evaluates (``Engine.fit`` with ``eval_step`` and
+            ``eval_data``), i.e. whether ``eval/...`` metrics are ever logged.
+
+        Raises:
+          CheckpointError: ``keep_best`` names an ``eval/...`` metric and the run does not evaluate.
+        """
+        if self.best is None or evaluates or not self.best.metric.startswith("eval/"):
+            return
+        raise CheckpointError(
+            f"OrbaxCheckpoint(keep_best={self.best.metric!r}) ranks saves by an evaluation metric, "
+            "but this run does not evaluate: no save would ever carry it",
+            suggestion="pass eval_step= and eval_data= to fit (with eval_every= a multiple of "
+            f"every={self.every}), rank by a training metric (keep_best='loss'), or keep the newest "
+            "steps (keep_best=None)",
+        )
+
+    def check_metrics(self, names: Collection[str]) -> bool:
+        """Refuse a ``keep_best`` metric that the run does not log (a typo, or a missing prefix).
+
+        Args:
+          names: the metric names one logged step carries. In a run that evaluates, pass those of
+            a step that evaluated (training and ``eval/...`` names together).
+
+        Returns:
+          ``True`` when ``names`` settle the question (the metric is among them); ``False`` when
+          they cannot: an ``eval/...`` metric checked against names without any ``eval/...``
+          (a step that did not evaluate); call again with the names of one that did.
+
+        Raises:
+          CheckpointError: the metric is not among ``names``, with the closest logged name.
+        """
+        if self.best is None or self.best.metric in names:
+            return True
+        metric = self.best.metric
+        if metric.startswith("eval/") and not any(name.startswith("eval/") for name in names):
+            return False
+        logged = sorted(names)
+        close = difflib.get_close_matches(metric, logged, n=1)
+        if not close:
+            suggestion = f"rank by one of {logged}"
+        elif self.best.mode == "min":
+            suggestion = f"did you mean keep_best={close[0]!r}?"
+        else:
+            suggestion = f"did you mean keep_best=({close[0]!r}, 'max')?"
+        raise CheckpointError(
+            f"OrbaxCheckpoint(keep_best={metric!r}) names a metric the run does not log "
+            f"(it logs {logged})", suggestion=suggestion)
 
     # ------------------------------------------------------------------------------- saving
     def save(self, step: int, state: Any, *, data_state: Any = None,
@@ -136,37 +263,49 @@ class OrbaxCheckpoint:
           step: the step number (the directory name).
           state: the TrainState.
           data_state: the data iterator's position (JSON), e.g. ``ArrayLoader.state()``.
-          metrics: logged metrics (needed for ``keep_best``).
+          metrics: logged metrics. With ``keep_best``, a save whose metrics carry its metric is
+            ranked; one without is kept only while it is the newest step.
           meta: more JSON for the step's record (the engine adds the plan).
         """
         ocp = self._ocp
         record = {"step": int(step), "mesh": {k: int(v) for k, v in state.mesh.shape.items()},
                   "rules": repr(state.rules), "versions": _versions(), **(meta or {})}
-        if self.best is not None and (metrics is None or self.best.metric not in metrics):
-            raise CheckpointError(
-                f"keep_best={self.best.metric!r} but step {step} was saved without that metric",
-                suggestion="save at steps where it is logged (eval_every a multiple of every) or "
-                "pass metrics=",
-            )
+        ranked_metrics = None
+        if self.best is not None:
+            # {} rather than None for an unranked save: Orbax warns on every save without metrics.
+            ranked_metrics = dict(metrics) if self.best.score(metrics) is not None else {}
         self._manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays_of(state)),
                                     data=ocp.args.JsonSave(data_state if data_state is not None else {}),
                                     meta=ocp.args.JsonSave(record)),
-            metrics=dict(metrics) if metrics is not None else None,
+            metrics=ranked_metrics,
             force=True,
         )
+
+    def due(self, step: int, *, force: bool = False) -> bool:
+        """Whether :meth:`maybe_save` would save at ``step``: a multiple of ``every`` (or
+        ``force``) that is not on disk yet. With ``keep_best`` the metrics do not matter: it
+        decides which saves stay, not when the run saves (see :meth:`save`).
+
+        Args:
+          step: the step just taken.
+          force: a save the run needs whatever the step (the end of training, preemption).
+
+        Returns:
+          Whether a save would start.
+        """
+        if not force and step % self.every:
+            return False
+        return step not in self.all_steps()
 
     def maybe_save(self, step: int, state: Any, *, data_state: Any = None, force: bool = False,
                    metrics: Mapping[str, float] | None = None,
                    meta: Mapping[str, Any] | None = None) -> bool:
-        """Save when ``step`` is a multiple of ``every`` (or ``force``); return whether it did."""
-        if not force and step % self.every:
+        """Save when :meth:`due` (``step`` a multiple of ``every``, or ``force``); return whether
+        it did."""
+        if not self.due(step, force=force):
             return False
-        if step in self.all_steps():
-            return False
-        if self.best is not None and (metrics is None or self.best.metric not in metrics):
-            return False  # ranked checkpoints need the metric; the next due step that has it saves
         self.save(step, state, data_state=data_state, metrics=metrics, meta=meta)
         return True
 
@@ -175,6 +314,10 @@ class OrbaxCheckpoint:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending saves and release Orbax's threads."""
+        # Orbax removes unfinished saves of earlier runs in a background thread that only a save
+        # waits for; a process that exits before it ends prints a RuntimeError traceback.
+        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self._manager.wait_until_finished()
         self._manager.close()
 
@@ -200,15 +343,19 @@ class OrbaxCheckpoint:
 
         Args:
           state: a TrainState built for the *current* mesh and plan (e.g. ``engine.init(...)``);
-            its shardings are the restore targets, its values are not used.
+            its shardings and dtypes are the restore targets, its values are not used.
           step: the step to restore; ``None`` for the newest.
 
         Returns:
           ``(state, data_state)``.
 
         Raises:
-          CheckpointError: no checkpoint, or the step's files are missing or corrupt (with
-            ``fallback=True`` older intact steps are tried first).
+          CheckpointError: no checkpoint; the step was written for another model, optimizer or
+            loss scaling (its arrays' paths or shapes differ from ``state``'s); or its files are
+            missing or corrupt (with ``fallback=True`` older intact steps are tried first).
+
+        Warns:
+          TitanaxWarning: saved arrays whose dtype differs from ``state``'s are cast to it.
         """
         steps = self.all_steps()
         if not steps:
@@ -217,16 +364,22 @@ class OrbaxCheckpoint:
         if step is not None and step not in steps:
             raise CheckpointError(f"step {step} is not in {self.directory} (steps: {steps})",
                                   suggestion=f"restore one of {steps}")
+        target = _abstract(_arrays_of(state))
+        wanted = _target_layout(target)
         candidates = [step] if step is not None else list(reversed(steps))
         first_error: CheckpointError | None = None
         for candidate in candidates:
             try:
-                return self._restore_step(state, candidate)
+                saved = self._saved_layout(candidate)
             except CheckpointError as err:
-                if not self.fallback:
-                    raise
-                first_error = first_error or err
-                warnings.warn(f"{err.message}; trying an older step", TitanaxWarning, stacklevel=2)
+                first_error = self._fall_back(err, first_error)
+                continue
+            # Not damage: an older step of the same directory would not fit either.
+            self._check_fits(candidate, saved, wanted)
+            try:
+                return self._read_step(state, target, candidate)
+            except CheckpointError as err:
+                first_error = self._fall_back(err, first_error)
         assert first_error is not None
         raise first_error
 
@@ -236,22 +389,83 @@ class OrbaxCheckpoint:
             return None
         return self.restore(state)
 
-    def _restore_step(self, state: Any, step: int) -> tuple[Any, Any]:
+    def _fall_back(self, err: CheckpointError, first_error: CheckpointError | None) -> CheckpointError:
+        """Re-raise ``err`` unless ``fallback``; else warn and return the error to raise if no
+        older step can be read either."""
+        if not self.fallback:
+            raise err
+        warnings.warn(f"{err.message}; trying an older step", TitanaxWarning, stacklevel=3)
+        return first_error or err
+
+    def _damaged(self, step: int, err: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint step {step} in {self.directory} cannot be read ({type(err).__name__}: "
+            f"{(str(err).splitlines() or [''])[0][:300]}); its files: "
+            f"{_listing(os.path.join(self.directory, str(step)))}",
+            suggestion="restore an older step (OrbaxCheckpoint(..., fallback=True) does this), or "
+            "delete the damaged step directory",
+        )
+
+    def _saved_layout(self, step: int) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype | None]]:
+        """Path -> (shape, dtype) of every array saved in ``step``, from Orbax's metadata."""
+        try:
+            metadata = self._manager.item_metadata(step).state
+        except Exception as err:  # Orbax raises JSON, file and value errors for unreadable metadata
+            raise self._damaged(step, err) from err
+        if metadata is None:
+            raise self._damaged(step, FileNotFoundError("the step has no 'state' item"))
+        tree = getattr(metadata, "tree", metadata)
+        return {_key_path(path): (tuple(getattr(leaf, "shape", ())),
+                                  None if getattr(leaf, "dtype", None) is None else np.dtype(leaf.dtype))
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def _check_fits(self, step: int, saved: dict[tuple[str, ...], Any],
+                    wanted: dict[tuple[str, ...], Any]) -> None:
+        """Raise when ``step``'s arrays are not those of the state to restore; warn when they are
+        but some dtypes differ (Orbax would cast them silently)."""
+        where = f"checkpoint step {step} in {self.directory}"
+        missing = [path for path in wanted if path not in saved]
+        extra = [path for path in saved if path not in wanted]
+        reshaped = [path for path in wanted if path in saved and saved[path][0] != wanted[path][0]]
+        if missing or extra or reshaped:
+            if missing or extra:
+                parts = []
+                if missing:
+                    parts.append(f"the state has {_show(missing[0])} {_describe(wanted[missing[0]])}, "
+                                 "which the checkpoint lacks" + _more(missing, "such arrays"))
+                if extra:
+                    parts.append(f"the checkpoint has {_show(extra[0])} {_describe(saved[extra[0]])}, "
+                                 "which the state lacks" + _more(extra, "such arrays"))
+                detail, first = "; ".join(parts), (missing or extra)[0]
+            else:
+                first = reshaped[0]
+                detail = (f"{_show(first)} is {_describe(saved[first])} in the checkpoint and "
+                          f"{_describe(wanted[first])} in the state"
+                          + _more(reshaped, "arrays differ in shape"))
+            written_with = _WRITTEN_WITH.get(first[0], "model")
+            raise CheckpointError(
+                f"{where} does not fit the state to restore: {detail}",
+                suggestion=f"it was written with another {written_with}: restore it into a state built "
+                "like the run that wrote it, or give this run a directory of its own",
+            )
+        recast = [path for path in wanted if saved[path][1] not in (None, wanted[path][1])]
+        if recast:
+            first = recast[0]
+            warnings.warn(
+                f"{where} stores {_show(first)} as {saved[first][1]}; it is restored as "
+                f"{wanted[first][1]}, the dtype of the state to restore ({len(recast)} of "
+                f"{len(wanted)} arrays change dtype). To keep the saved values exactly, restore "
+                "under the Precision the run was saved with",
+                TitanaxWarning, stacklevel=3)
+
+    def _read_step(self, state: Any, target: Any, step: int) -> tuple[Any, Any]:
         ocp = self._ocp
-        target = _abstract(_arrays_of(state))
-        step_dir = os.path.join(self.directory, str(step))
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                               data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         except Exception as err:  # Orbax/TensorStore raise many types for missing or bad files
-            files = _listing(step_dir)
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be read ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:300]}); its files: {files}",
-                suggestion="restore an older step (OrbaxCheckpoint(..., fallback=True) does this), or "
-                "delete the damaged step directory",
-            ) from err
+            raise self._damaged(step, err) from err
         arrays = restored.state
         meta = restored.meta or {}
         if meta.get("step", step) != step:
@@ -263,6 +477,117 @@ class OrbaxCheckpoint:
             model_state=arrays["model_state"], loss_scale=arrays["loss_scale"])
         data = restored.data or None
         return new_state, data
+
+
+def _parse_keep_best(keep_best: str | tuple[str, str] | None) -> _Best | None:
+    if keep_best is None:
+        return None
+    if isinstance(keep_best, str):
+        name, mode = keep_best, "min"
+    elif isinstance(keep_best, (tuple, list)) and len(keep_best) == 2:
+        name, mode = keep_best
+    else:
+        raise CheckpointError(f"OrbaxCheckpoint(keep_best={keep_best!r}) is not a metric name or "
+                              "(name, 'min' | 'max')",
+                              suggestion="write keep_best='eval/loss' or keep_best=('eval/accuracy', 'max')")
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"OrbaxCheckpoint(keep_best={keep_best!r}) needs a metric name",
+                              suggestion="write keep_best='eval/loss'")
+    if mode not in ("min", "max"):
+        raise CheckpointError(f"keep_best mode {mode!r} is not 'min' or 'max'",
+                              suggestion=f"write keep_best=({name!r}, 'max') or keep_best=({name!r}, 'min')")
+    return _Best(name, mode)
+
+
+def _check_directory(directory: str, keep: int | None) -> None:
+    """Refuse a checkpoint directory that is a file, or that holds numbered folders Orbax would
+    take for steps (and delete as old ones) although Titanax did not write them."""
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        problem = ("is an existing file, not a directory" if existing == directory
+                   else f"cannot be created: {existing} is a file")
+        raise CheckpointError(
+            f"checkpoint directory {directory} {problem}",
+            suggestion="give OrbaxCheckpoint a directory of its own, e.g. "
+            f"{os.path.splitext(existing)[0]}_checkpoints",
+        )
+    if existing != directory:
+        try:  # now rather than in Orbax's background thread once training runs
+            os.makedirs(directory, exist_ok=True)
+        except OSError as err:
+            raise CheckpointError(
+                f"checkpoint directory {directory} cannot be created: {err.strerror} ({existing} is "
+                "the nearest folder that exists)",
+                suggestion="choose a directory under a folder you may write to, e.g. runs/<name>",
+            ) from err
+        return  # new: nothing in it yet
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CheckpointError(f"checkpoint directory {directory} is not writable",
+                              suggestion="choose a directory you may write to, or fix its permissions")
+    foreign = []
+    for name in sorted(os.listdir(directory), key=lambda n: (len(n), n)):
+        path = os.path.join(directory, name)
+        # A Titanax step, even a damaged one, keeps its 'state' folder or its JSON record.
+        if name.isdigit() and os.path.isdir(path) and not (
+                os.path.isdir(os.path.join(path, "state"))
+                or os.path.isfile(os.path.join(path, "meta", "metadata"))):
+            foreign.append(name)
+    if foreign:
+        first = os.path.join(directory, foreign[0])
+        files = _listing(first)[:5]
+        holds = f"holds {files}" if files else "is empty"
+        raise CheckpointError(
+            f"{directory} holds numbered folders that are not Titanax checkpoints: "
+            f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} (none has the 'state' folder "
+            f"or the 'meta' record a Titanax step writes; {first} {holds})",
+            suggestion="point OrbaxCheckpoint at a directory of its own, e.g. "
+            f"{os.path.join(directory, 'checkpoints')}: here those folders would count as steps"
+            + (f", and the oldest would be deleted to keep {keep}" if keep is not None else ""),
+        )
+
+
+def _key_path(path: Sequence[Any]) -> tuple[str, ...]:
+    """A key path as strings, the same for the state and for Orbax's metadata of it (a
+    namedtuple's attribute there is a dict key, a tuple's index a list index). Unlike
+    ``path_string`` it keeps an NNX Variable's ``value``: the metadata has it as a dict key, and
+    matching must be exact; :func:`_show` drops it for messages."""
+    parts = []
+    for key in path:
+        for field in ("key", "name", "idx"):
+            if hasattr(key, field):
+                parts.append(str(getattr(key, field)))
+                break
+        else:
+            parts.append(str(key))
+    return tuple(parts)
+
+
+def _target_layout(target: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """Path -> (shape, dtype) of the arrays a restore into ``target`` reads; a typed PRNG key as
+    the key data Orbax stores for it."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)
+        out[_key_path(path)] = (tuple(leaf.shape), np.dtype(leaf.dtype))
+    return out
+
+
+def _show(path: tuple[str, ...]) -> str:
+    """``params/up/kernel``: an NNX Variable's trailing ``value`` left out, as in ``describe()``."""
+    parts = path[:-1] if len(path) > 1 and path[-1] == "value" else path
+    return "/".join(parts)
+
+
+def _describe(entry: tuple[tuple[int, ...], np.dtype]) -> str:
+    shape, dtype = entry
+    return f"{shape} {dtype}"
+
+
+def _more(paths: Sequence[Any], what: str) -> str:
+    return f" ({len(paths)} {what})" if len(paths) > 1 else ""
 
 
 def _listing(step_dir: str) -> list[str]:
@@ -282,4 +607,3 @@ def _versions() -> dict[str, str]:
     return {"titanax": titanax.__version__, "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "orbax": getattr(ocp, "__version__", "?"),
             "numpy": np.__version__}
-

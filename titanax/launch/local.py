@@ -332,7 +332,11 @@ def launch(
     (or ``... was killed by SIGKILL ...``), sends SIGTERM to the others' process groups, waits up
     to ``grace_s`` seconds, SIGKILLs what is left, repeats the failure as its last line
     (``titanax launch: stopped: process 1 ...``, after what the others printed as they died) and
-    returns the failed process's exit code (``128 + signal`` for a signal). The SIGKILL matters: Titanax's engine and JAX's preemption
+    returns the failed process's exit code (``128 + signal`` for a signal). When processes had
+    already exited with code 0 before the failure (e.g. one that never called
+    :func:`~titanax.runtime.initialize`, so the others waited for it in vain), the failure names them:
+    ``... process 0 (pid 1233) failed with exit code 1 after process 1 (pid 1234) had exited with
+    code 0``. The SIGKILL matters: Titanax's engine and JAX's preemption
     notifier catch SIGTERM to act on it later, and a process blocked in a collective with a dead
     peer never gets there. SIGINT / SIGTERM sent to the launcher (when it runs in the main thread)
     stop all processes the same way (a second one skips the grace period) and return 130 / 143.
@@ -447,6 +451,10 @@ def _wait(
     outcome: list[str],
 ) -> int:
     finished = 0
+    # Processes that exited 0 while others still ran: when another then fails, an early exit (a
+    # process that never joined the job, so the others waited for it in vain) is a likely cause,
+    # so the failure names them.
+    succeeded: list[int] = []
     while finished < len(procs):
         if received:
             sig = received[0]
@@ -462,9 +470,15 @@ def _wait(
             continue
         finished += 1
         rc = procs[i].returncode
-        if rc != 0:
+        if rc == 0:
+            succeeded.append(i)
+        else:
             others = any(p.returncode is None for p in procs)
             failure = f"process {i} (pid {procs[i].pid}) {_describe(rc)}"
+            if succeeded:
+                earlier = ", ".join(f"{j} (pid {procs[j].pid})" for j in sorted(succeeded))
+                plural = "es" if len(succeeded) > 1 else ""
+                failure += f" after process{plural} {earlier} had exited with code 0"
             outcome.append(f"stopped: {failure}")
             out.line(f"{_PREFIX} {failure}" + ("; stopping the other processes" if others else ""))
             _stop(procs, waiters, grace_s, out, hurry=lambda: bool(received))

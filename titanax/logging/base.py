@@ -50,6 +50,25 @@ def check_path(value: Any, owner: str, example: str) -> str:
         ) from None
 
 
+def check_destination(path: str, owner: str, *, directory: bool) -> None:
+    """Refuse, at construction, a log destination that writing would fail on after training
+    started: a file where a directory must go (or the reverse), or a path under a file."""
+    import os
+
+    want = "a directory" if directory else "a file"
+    if os.path.exists(path) and os.path.isdir(path) != directory:
+        raise TitanaxError(
+            f"{owner}: {path} exists and is not {want}",
+            suggestion=f"give {owner.split('(')[0]} {want} path of its own",
+        )
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise TitanaxError(f"{owner}: {path} cannot be created: {existing} is a file",
+                           suggestion="choose a path whose folders are folders, e.g. runs/<name>/...")
+
+
 def _check_step(step: Any, what: str) -> int:
     # numpy / jax integer scalars are accepted through __index__; floats and bools are not, because a
     # float step (e.g. 1.5) is always a caller bug.

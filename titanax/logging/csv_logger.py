@@ -11,7 +11,7 @@ import tempfile
 from typing import IO
 
 from titanax.exceptions import TitanaxError
-from titanax.logging.base import Logger, check_path
+from titanax.logging.base import Logger, check_destination, check_path
 
 __all__ = ["CSV"]
 
@@ -50,6 +50,7 @@ class CSV(Logger):
     def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
         super().__init__(every=every)
         self.path = check_path(path, "CSV(path=...)", 'CSV("runs/x/metrics.csv")')
+        check_destination(self.path, "CSV(path=...)", directory=False)
         self._file: IO[str] | None = None
         self._writer: csv.DictWriter | None = None
         self._columns: list[str] = []

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from titanax.exceptions import TitanaxError
-from titanax.logging.base import Logger, check_path
+from titanax.logging.base import Logger, check_destination, check_path
 
 __all__ = ["TensorBoard"]
 
@@ -68,6 +68,7 @@ class TensorBoard(Logger):
         # Checked at construction on every process, so a missing extra fails before training.
         self._record_writer, self._event_pb2, self._summary_pb2 = _import_tensorboardx()
         self.logdir = check_path(logdir, "TensorBoard(logdir=...)", 'TensorBoard("runs/x/tb")')
+        check_destination(self.logdir, "TensorBoard(logdir=...)", directory=True)
         if isinstance(flush_secs, bool) or not isinstance(flush_secs, (int, float)) or flush_secs < 0:
             raise TitanaxError(
                 f"TensorBoard(flush_secs={flush_secs!r}) must be a number >= 0",

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from titanax.exceptions import ShardingError
 from titanax.parallel.rules import Rules
 
-__all__ = ["constrain", "current_rules", "current_mesh", "sharding_context"]
+__all__ = ["constrain", "constraint_record", "current_rules", "current_mesh", "sharding_context"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,7 @@ class _Frame:
 class _Stack(threading.local):
     def __init__(self) -> None:
         self.frames: list[_Frame] = []
+        self.records: list[set[str]] = []
 
 
 _STACK = _Stack()
@@ -62,6 +63,26 @@ def sharding_context(rules: Rules, mesh: Mesh | None = None) -> Iterator[Rules]:
         yield rules
     finally:
         pop_rules(rules)
+
+
+@contextlib.contextmanager
+def constraint_record(axes: set[str]) -> Iterator[set[str]]:
+    """Collect into ``axes`` the mesh axes every ``tx.constrain`` inside the block splits over.
+
+    Titanax uses it to tell a mesh axis that only activations use from one nothing uses.
+    """
+    _STACK.records.append(axes)
+    try:
+        yield axes
+    finally:
+        _STACK.records.pop()
+
+
+def _record(spec: PartitionSpec) -> None:
+    for entry in spec:
+        for axis in () if entry is None else (entry,) if isinstance(entry, str) else entry:
+            for axes in _STACK.records:
+                axes.add(axis)
 
 
 def current_rules() -> Rules | None:
@@ -119,10 +140,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
             return x
         auto_shape = {a: (1 if a in manual else n) for a, n in dict(mesh.shape).items()}
         spec = rules.spec(names, x.shape, auto_shape, what=f"activation {tuple(names)}")
+        _record(spec)
         if all(entry is None for entry in spec):
             return x
         return jax.lax.with_sharding_constraint(x, spec)
     spec = rules.spec(names, x.shape, dict(mesh.shape), what=f"activation {tuple(names)}")
+    _record(spec)
     return jax.lax.with_sharding_constraint(x, _sharding(mesh, spec))
 
 

@@ -14,9 +14,10 @@ from jax.sharding import Mesh
 from titanax.exceptions import PlanError, ShardingError
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
-from titanax.parallel.shard import ShardedModel, tracing_context
+from titanax.parallel.shard import ShardedModel
 from titanax.parallel.annotations import tree_leaves, unboxed_structure
 from titanax.parallel.sharding import Leaf, layout_tree, path_string, place
+from titanax.parallel.tracing import tracing_context
 
 __all__ = ["LinenShardedModel", "shard_linen"]
 
@@ -74,16 +75,25 @@ class LinenShardedModel(ShardedModel):
     def model_state(self) -> dict[str, Any]:
         return {k: v for k, v in self.variables.items() if k != "params"}
 
-    def apply_with_state(self, params: Any, model_state: Any, *args: Any, **kwargs: Any) -> Any:
-        """``module.apply`` over ``{**model_state, "params": params}``."""
-        with self.tracing():
-            return self._module.apply({**model_state, "params": params}, *args, **kwargs)
+    def apply_with_state(self, params: Any, model_state: Any, *args: Any, mutable: Any = False,
+                         **kwargs: Any) -> Any:
+        """``module.apply`` over ``{**model_state, "params": params}``.
+
+        With ``mutable`` (``True``, a collection name or a list of them, as Linen takes it) the
+        result is ``(output, new_model_state)``: ``model_state`` with the collections the call
+        changed replaced, so it can go straight back into the train state.
+        """
+        variables = {**model_state, "params": params}
+        if mutable is False:
+            return self._call(lambda: self._module.apply(variables, *args, **kwargs))
+        out, updates = self._call(lambda: self._module.apply(variables, *args, mutable=mutable, **kwargs))
+        return out, {**model_state, **{k: v for k, v in updates.items() if k != "params"}}
 
     def _state(self) -> Any:
         return self.variables
 
     def _run(self, state: Any, args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        return self._module.apply(state, *args, **kwargs), None
+        return self._call(lambda: self._module.apply(state, *args, **kwargs)), None
 
 
 def shard_linen(

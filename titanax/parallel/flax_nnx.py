@@ -12,21 +12,29 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from titanax.exceptions import ShardingError
+from titanax.exceptions import ShardingError, TitanaxError
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
-from titanax.parallel.shard import ShardedModel, tracing_context
+from titanax.parallel.shard import ShardedModel
 from titanax.parallel.annotations import tree_leaves
-from titanax.parallel.sharding import layout_tree, place
+from titanax.parallel.sharding import layout_tree, path_string, place
+from titanax.parallel.tracing import tracing_context
 
 __all__ = ["NNXShardedModel", "shard_nnx"]
 
 def _call_factory(factory: Callable[..., Any], rng: Any) -> Any:
+    # An nnx.Module class reads (*args, **kwargs) through its metaclass: its __init__ says what it takes.
+    is_class = isinstance(factory, type)
     try:
-        n_params = len(inspect.signature(factory).parameters)
+        params = list(inspect.signature(factory.__init__ if is_class else factory).parameters)
     except (TypeError, ValueError):
-        n_params = 0
-    module = factory(nnx.Rngs(rng)) if n_params else factory()
+        params = []
+    if is_class:
+        params = params[1:]  # self
+    if "rngs" in params:
+        module = factory(rngs=nnx.Rngs(rng))
+    else:
+        module = factory(nnx.Rngs(rng)) if params else factory()
     if not isinstance(module, nnx.Module):
         raise ShardingError(
             f"the model factory returned a {type(module).__name__}, not an nnx.Module",
@@ -65,26 +73,79 @@ class NNXShardedModel(ShardedModel):
         return nnx.state(self._module, nnx.Not(nnx.Param))
 
     def apply_with_state(self, params: nnx.State, model_state: nnx.State, *args: Any,
-                         **kwargs: Any) -> Any:
-        """Call a copy of the module holding ``params`` and ``model_state``.
+                         mutable: bool = False, **kwargs: Any) -> Any:
+        """Call a copy of the module holding ``params`` and ``model_state`` (a pure function).
 
-        Changes the call makes to non-parameter state are dropped: this is a pure function.
+        NNX modules update their non-parameter variables in place (``nnx.BatchNorm`` statistics,
+        the counters of the ``nnx.Rngs`` streams ``nnx.Dropout`` draws from). A pure call cannot
+        keep such changes, so it either returns them (``mutable=True``) or refuses to drop them.
+
+        Args:
+          params: the parameters (an ``nnx.State`` of ``nnx.Param``).
+          model_state: every other variable, as :attr:`model_state` holds them.
+          *args: the module's inputs.
+          mutable: return ``(output, new_model_state)``.
+          **kwargs: the module's keyword arguments.
+
+        Returns:
+          The output, or ``(output, new_model_state)`` with ``mutable=True``.
+
+        Raises:
+          TitanaxError: the call changed a variable of ``model_state`` and ``mutable`` is false.
         """
-        with self.tracing():
-            return nnx.merge(self.graphdef, params, model_state, copy=True)(*args, **kwargs)
+        if not isinstance(mutable, bool):
+            raise TitanaxError(
+                f"mutable={mutable!r}: an NNX model returns all of its changed state or none",
+                suggestion="pass mutable=True (NNX has no collections; lists such as "
+                "['batch_stats'] are Linen's)",
+            )
+        changed: list[str] = []
+
+        def call() -> tuple[Any, nnx.State]:
+            module = nnx.merge(self.graphdef, params, model_state, copy=True)
+            out = module(*args, **kwargs)
+            new_state = nnx.state(module, nnx.Not(nnx.Param))
+            # Static bookkeeping while tracing: a variable the call reassigned is a new object.
+            changed.extend(_changed_paths(model_state, new_state))
+            return out, new_state
+
+        out, new_state = self._call(call)
+        if mutable:
+            return out, new_state
+        if changed:
+            shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            raise TitanaxError(
+                f"the NNX model changed its non-parameter state during a pure call ({shown}): the "
+                "change would be lost, so every step would draw the same dropout mask from a "
+                "reset RNG counter and batch statistics would never move",
+                suggestion="ask for the new state and keep it: `out, model_state = state.apply(params, "
+                "x, mutable=True)` in the loss (return model_state as aux), then "
+                "`state.apply_gradients(grads=grads, model_state=model_state)`; to evaluate, pass the "
+                "model's inference flags in the call (use_running_average=True, deterministic=True, "
+                "or your model's train=False)",
+            )
+        return out
 
     def _state(self) -> Any:
         return nnx.state(self._module)
 
     def _run(self, state: Any, args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        module = nnx.merge(self.graphdef, state)
-        out = module(*args, **kwargs)
-        rest = nnx.state(module, nnx.Not(nnx.Param))
+        def call() -> tuple[Any, Any]:
+            module = nnx.merge(self.graphdef, state)
+            return module(*args, **kwargs), nnx.state(module, nnx.Not(nnx.Param))
+
+        out, rest = self._call(call)
         rest_shardings = nnx.split_state(self._state_shardings, nnx.Param, ...)[1]
         return out, jax.lax.with_sharding_constraint(rest, rest_shardings)
 
     def _store(self, new_state: Any) -> None:
         nnx.update(self._module, new_state)
+
+
+def _changed_paths(before: nnx.State, after: nnx.State) -> list[str]:
+    old = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+    return [path_string(path) for path, leaf in jax.tree_util.tree_flatten_with_path(after)[0]
+            if old.get(path) is not leaf]
 
 
 def shard_nnx(model: Any, plan: Plan | None, rules: Rules, mesh: Mesh, *, rng: Any,

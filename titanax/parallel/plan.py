@@ -161,7 +161,7 @@ class PP:
                  f"{table.ticks} ticks, remat {self.remat}",
                  f"  bubble fraction {table.bubble_fraction:.1%}"
                  + (f" = (p-1)/(v*m+p-1) = {(p - 1) / (v * m + p - 1):.1%}" if table.autodiff else
-                    f" (one forward and one backward slot per tick)"),
+                    " (one forward and one backward slot per tick)"),
                  f"  peak stashed microbatches per stage {table.peak_stash}"
                  + (" (autodiff keeps every tick's activations)" if table.autodiff else "")]
         sends = table.forward_ticks if table.autodiff else table.ticks

@@ -265,16 +265,18 @@ class Rules:
         names = pad_names(names, shape, what)
         used: set[str] = set()
         entries: list[str | tuple[str, ...] | None] = []
+        dropped: list[Dropped] = []
         for dim, name in enumerate(names):
             if name is None:
                 entries.append(None)
                 continue
             if name not in self.logical_names and name in mesh_axis_names:
-                axes = _check_mesh_axes(name, dim, shape, mesh_shape, used, what, self.strict)
+                axes = _check_mesh_axes(name, dim, shape, mesh_shape, used, what, self.strict, dropped)
             else:
-                axes = self._axes_for_name(name, dim, shape, mesh_shape, used, what)
+                axes = self._axes_for_name(name, dim, shape, mesh_shape, used, what, dropped)
             used.update(axes)
             entries.append(_spec_entry(axes))
+        warn_dropped(dropped, tuple(entries))
         return tuple(entries)
 
     def _axes_for_name(
@@ -285,6 +287,7 @@ class Rules:
         mesh_shape: Mapping[str, int],
         used: set[str],
         what: str,
+        dropped: list[Dropped],
     ) -> tuple[str, ...]:
         candidates = [target for rule_name, target in self.rules if rule_name == name]
         if not candidates:
@@ -302,7 +305,7 @@ class Rules:
             axes = tuple(a for a in _as_axes(target) if mesh_shape.get(a, 1) > 1)
             if not axes or used.intersection(axes):
                 continue
-            return divisible_axes(axes, dim, shape, mesh_shape, what, name, self.strict)
+            return divisible_axes(axes, dim, shape, mesh_shape, what, name, self.strict, dropped)
         return ()
 
 
@@ -322,6 +325,18 @@ def pad_names(names: Sequence[str | None], shape: Sequence[int], what: str) -> L
     return names + (None,) * (len(shape) - len(names))
 
 
+@dataclasses.dataclass(frozen=True)
+class Dropped:
+    """Mesh axes left out of one dimension because they do not divide it."""
+
+    what: str
+    dim: int
+    name: str
+    size: int
+    axes: tuple[str, ...]
+    sizes: dict[str, int]
+
+
 def divisible_axes(
     axes: tuple[str, ...],
     dim: int,
@@ -330,24 +345,49 @@ def divisible_axes(
     what: str,
     name: str,
     strict: bool,
+    dropped: list[Dropped],
 ) -> tuple[str, ...]:
+    """The prefix-compatible subset of ``axes`` whose sizes divide ``shape[dim]``.
+
+    A dropped axis raises :class:`ShardingError` when ``strict``; otherwise it is noted in
+    ``dropped`` so that one warning, once the whole array is laid out, can say where it ended up.
+    """
     kept: list[str] = []
     for axis in axes:
         if shape[dim] % (math.prod(mesh_shape[a] for a in kept) * mesh_shape[axis]) == 0:
             kept.append(axis)
     if len(kept) != len(axes):
-        dropped = [a for a in axes if a not in kept]
-        sizes = {a: mesh_shape[a] for a in axes}
-        fallback = "it stays replicated" if not kept else f"sharding it over {kept} only"
-        _complain(
-            strict,
-            f"{what}: dimension {dim} ({name!r}, size {shape[dim]}) does not divide over mesh "
-            f"axes {dropped} (sizes {sizes})" + ("" if strict else f"; {fallback}"),
-            suggestion=f"make dimension {dim} a multiple of {math.prod(sizes.values())}, or map "
-            f"{name!r} to a smaller mesh axis"
-            + (f", or turn strict off to accept {fallback.replace('it stays', 'it staying')}" if strict else ""),
-        )
+        note = Dropped(what, dim, name, shape[dim], tuple(a for a in axes if a not in kept),
+                       {a: mesh_shape[a] for a in axes})
+        if strict:
+            raise ShardingError(_dropped_message(note),
+                                suggestion=_dropped_suggestion(note) + ", or turn strict off to "
+                                "accept a layout without those axes")
+        dropped.append(note)
     return tuple(kept)
+
+
+def warn_dropped(dropped: Sequence[Dropped], entries: tuple[Any, ...]) -> None:
+    """One warning per dropped axis, describing the array's final layout."""
+    final = "P(" + ", ".join(repr(entry) for entry in entries) + ")"
+    for note in dropped:
+        if all(entry is None for entry in entries):
+            outcome = "the array stays replicated"
+        else:
+            split = [f"dimension {d} over {e!r}" for d, e in enumerate(entries) if e is not None]
+            outcome = f"the array is laid out as {final}: {', '.join(split)}"
+        warnings.warn(f"{_dropped_message(note)}; {outcome}. {_dropped_suggestion(note)}",
+                      TitanaxWarning, stacklevel=4)
+
+
+def _dropped_message(note: Dropped) -> str:
+    return (f"{note.what}: dimension {note.dim} ({note.name!r}, size {note.size}) does not divide "
+            f"over mesh axes {list(note.axes)} (sizes {note.sizes})")
+
+
+def _dropped_suggestion(note: Dropped) -> str:
+    return (f"make dimension {note.dim} a multiple of {math.prod(note.sizes.values())}, or map "
+            f"{note.name!r} to a smaller mesh axis")
 
 
 def _check_mesh_axes(
@@ -358,13 +398,14 @@ def _check_mesh_axes(
     used: set[str],
     what: str,
     strict: bool,
+    dropped: list[Dropped],
 ) -> tuple[str, ...]:
     if axis in used:
         raise ShardingError(
             f"{what}: mesh axis {axis!r} is used by two dimensions",
             suggestion="name each mesh axis at most once per array",
         )
-    return divisible_axes((axis,), dim, shape, mesh_shape, what, axis, strict)
+    return divisible_axes((axis,), dim, shape, mesh_shape, what, axis, strict, dropped)
 
 
 def _complain(strict: bool, message: str, *, suggestion: str) -> None:

@@ -240,7 +240,7 @@ def build_schedule(name: str, stages: int, microbatches: int, repeats: int = 1) 
     for what, value in (("stages", stages), ("microbatches", microbatches), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PlanError(f"PP({what}={value!r}) must be a positive integer",
-                            suggestion=f"e.g. PP(stages=4, microbatches=8)")
+                            suggestion="e.g. PP(stages=4, microbatches=8)")
     if microbatches < stages:
         raise PlanError(f"PP(microbatches={microbatches}) is fewer than stages={stages}: stages would idle "
                         "for most of the step", suggestion=f"use microbatches >= {stages} (4 x stages keeps the "

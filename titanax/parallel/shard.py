@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -18,14 +19,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from titanax.exceptions import PlanError, ShardingError
-from titanax.parallel.context import sharding_context
+from titanax.exceptions import MeshError, PlanError, ShardingError, TitanaxWarning
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.sharding import Layout, layout_tree
+from titanax.parallel.tracing import CallRecord, call_model, tracing_context
 
-__all__ = ["shard", "ShardedModel", "tree_layout", "tree_shardings", "tracing_context", "resolve_mesh",
-           "resolve_rules"]
+__all__ = ["shard", "ShardedModel", "tree_layout", "tree_shardings", "resolve_mesh", "resolve_rules"]
 
 PlanOrRules = Plan | Rules
 
@@ -42,14 +42,31 @@ def resolve_mesh(mesh: Mesh | None) -> Mesh:
                 f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}",
                 suggestion="build one with tx.MeshSpec(axes=...).build()",
             )
-        return mesh
+        return _check_axis_types(mesh)
     ambient = jax.sharding.get_mesh()
     if isinstance(ambient, Mesh) and not ambient.empty:
-        return ambient
+        return _check_axis_types(ambient)
     raise ShardingError(
         "no mesh given and none set with jax.set_mesh",
         suggestion="pass mesh=tx.MeshSpec(axes=('data',)).build(), or enter `with jax.set_mesh(mesh):`",
     )
+
+
+def _check_axis_types(mesh: Mesh) -> Mesh:
+    """Titanax lays arrays out with GSPMD, which needs every mesh axis ``AxisType.Auto``."""
+    explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                if kind != jax.sharding.AxisType.Auto]
+    if explicit:
+        kinds = {name: kind.name for name, kind in zip(mesh.axis_names, mesh.axis_types)}
+        names = tuple(mesh.axis_names)
+        raise MeshError(
+            f"mesh axes {explicit} are not AxisType.Auto (axis types: {kinds}); Titanax lays "
+            "arrays out by GSPMD sharding constraints, which JAX accepts only on Auto axes "
+            "(jax.make_mesh makes Explicit axes by default)",
+            suggestion=f"build the mesh with tx.MeshSpec(axes={names!r}, shape={tuple(mesh.devices.shape)!r}).build(), "
+            f"or jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * {len(names)})",
+        )
+    return mesh
 
 
 def resolve_rules(plan_or_rules: PlanOrRules, mesh: Mesh) -> tuple[Plan | None, Rules]:
@@ -64,21 +81,6 @@ def resolve_rules(plan_or_rules: PlanOrRules, mesh: Mesh) -> tuple[Plan | None, 
         f"expected a tx.Plan or tx.Rules, got {type(plan_or_rules).__name__}",
         suggestion="pass tx.Plan(data_parallel=tx.DP(axis='data')) or tx.Rules([('batch', 'data')])",
     )
-
-
-@contextlib.contextmanager
-def tracing_context(rules: Rules, mesh: Mesh, pipeline: Any = None) -> Iterator[None]:
-    """What model code sees while Titanax traces it on ``mesh``.
-
-    ``tx.constrain`` resolves against ``rules`` and ``mesh``. NNX's eager sharding is off because
-    Titanax, not Flax, places every variable. Flax's own logical rules and ``jax.set_mesh`` are
-    deliberately not entered: with both active, Linen's boxed initializers constrain parameters
-    mid-construction (``DenseGeneral`` under ``nn.scan`` then fails on its flattened kernel).
-    """
-    from titanax.parallel.pipeline import pipeline_context
-
-    with sharding_context(rules, mesh), nnx.use_eager_sharding(False), pipeline_context(pipeline, mesh):
-        yield
 
 
 def _is_array(x: Any) -> bool:
@@ -114,6 +116,9 @@ class ShardedModel(abc.ABC):
         self.layout = layout
         self._module = module
         self._forwards: dict[Any, Callable[..., Any]] = {}
+        self._axis_names: set[str] = set()  # pmap-style names the model's collectives use
+        self._axes_checked = False
+        self._flax_constraints_reported = False
 
     # -------------------------------------------------------------- framework-specific parts
     @property
@@ -137,14 +142,32 @@ class ShardedModel(abc.ABC):
         """Non-parameter state: Linen collections other than ``params``, or NNX's other variables."""
 
     @abc.abstractmethod
-    def apply_with_state(self, params: Any, model_state: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run the model with ``params`` and ``model_state`` (pure; what a TrainState calls)."""
+    def apply_with_state(self, params: Any, model_state: Any, *args: Any, mutable: Any = False,
+                         **kwargs: Any) -> Any:
+        """Run the model with ``params`` and ``model_state`` (pure; what a TrainState calls).
+
+        Args:
+          params: the parameters.
+          model_state: the other state (:attr:`model_state`'s structure).
+          *args: the model's inputs.
+          mutable: ``False``: the call must not change ``model_state`` (NNX: a change raises
+            :class:`~titanax.TitanaxError`, since it would be lost; Linen raises by itself).
+            ``True`` (or, Linen, a list of collections such as ``["batch_stats"]``): return the
+            changed state too.
+          **kwargs: the model's keyword arguments.
+
+        Returns:
+          The model's output; with ``mutable``, ``(output, new_model_state)``, where
+          ``new_model_state`` has the structure of ``model_state``.
+        """
 
     def apply(self, params: Any, *args: Any, **kwargs: Any) -> Any:
         """Run the model with ``params`` and this model's other state.
 
         Pure: use it inside your own ``jax.jit`` and ``jax.grad``; ``tx.constrain`` calls in the
-        model resolve against this model's rules and mesh.
+        model resolve against this model's rules and mesh. Pass ``mutable=True`` when the call
+        updates state (batch statistics, NNX RNG counters) to get ``(output, new_model_state)``;
+        see :meth:`apply_with_state`.
 
         Example:
           >>> loss = lambda p, x: jnp.mean(sm.apply(p, x) ** 2)               # doctest: +SKIP
@@ -185,12 +208,69 @@ class ShardedModel(abc.ABC):
         pipeline = self.plan.pipeline_parallel if self.plan is not None else None
         return tracing_context(self.rules, self.mesh, pipeline)
 
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run model code as Titanax traces it (see :func:`~titanax.parallel.tracing.call_model`),
+        then check what only the traced program shows."""
+        pipeline = self.plan.pipeline_parallel if self.plan is not None else None
+        out, record = call_model(fn, rules=self.rules, mesh=self.mesh, pipeline=pipeline,
+                                 axis_names=self._axis_names)
+        self._check_call(record)
+        return out
+
+    def _check_call(self, record: CallRecord) -> None:
+        if record.flax_constraints and not self._flax_constraints_reported:
+            self._flax_constraints_reported = True
+            self._complain(
+                f"the model calls Flax's nn.with_logical_constraint ({record.flax_constraints} "
+                "time(s) in this call), which resolves against Flax's own global rules and mesh; "
+                "Titanax sets neither, so those constraints reach XLA as nothing",
+                suggestion="call tx.constrain(x, names) instead: the same logical names, resolved by "
+                "this plan's rules (a no-op outside Titanax, like Flax's without rules)",
+            )
+        if not self._axes_checked:
+            self._axes_checked = True
+            self._check_axes_used(record.constrained_axes)
+
+    def _check_axes_used(self, constrained: set[str]) -> None:
+        """A mesh axis with several devices that splits no parameter, no activation and not the
+        batch makes its devices compute the same thing."""
+        mesh_shape = dict(self.mesh.shape)
+        used = set(constrained) | set(_batch_axes(self.rules, mesh_shape))
+        for entry in self.layout:
+            used |= _spec_axes(entry.spec)
+        model_names = sorted({n for e in self.layout if e.names for n in e.names
+                              if isinstance(n, str) and n not in mesh_shape})
+        for axis, size in mesh_shape.items():
+            if size == 1 or axis in used:
+                continue
+            mapped = [name for name, target in self.rules.rules if axis in _target_axes(target)]
+            named = [name for name in mapped if name in model_names]
+            if named:
+                why = (f"; the rules map {mapped} to it and the model names {named}, but no such "
+                       "dimension could be split over it (indivisible, or the axis was taken by "
+                       "another dimension of the same array)")
+            elif mapped:
+                why = f"; the rules map {mapped} to it, but the model's arrays are named only {model_names}"
+            else:
+                why = "; no rule maps a logical name to it"
+            self._complain(
+                f"mesh axis {axis!r} ({size} devices) splits no parameter, no activation and not "
+                f"the batch: its {size} devices hold the same values and compute the same thing{why}",
+                suggestion="name those dimensions in the model (nnx.with_partitioning / "
+                "nn.with_logical_partitioning, or path rules tx.Rules(params=[(regex, names)])), "
+                f"constrain activations with tx.constrain, or give {axis!r} size 1 in the MeshSpec",
+            )
+
+    def _complain(self, message: str, *, suggestion: str) -> None:
+        if self.rules.strict:
+            raise ShardingError(message, suggestion=suggestion)
+        warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=4)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Jitted forward. Positional arrays are split on ``batch`` along their first dimension;
         keyword arrays (masks, PRNG keys) are passed as they are; other values are static."""
         forward, call_args = self._prepare(args, kwargs)
-        with self.tracing():
-            out, new_state = forward(*call_args)
+        out, new_state = forward(*call_args)
         self._store(new_state)
         return out
 
@@ -201,8 +281,7 @@ class ShardedModel(abc.ABC):
           >>> stats = tx.profiling.inspect(sm.lower(x))   # per-device bytes, FLOPs, collectives
         """
         forward, call_args = self._prepare(args, kwargs)
-        with self.tracing():
-            return forward.lower(*call_args)
+        return forward.lower(*call_args)
 
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[Any, tuple]:
         dynamic_pos = tuple(i for i, a in enumerate(args) if _all_arrays(a))
@@ -244,6 +323,27 @@ class ShardedModel(abc.ABC):
         mesh = ", ".join(f"{a}={s}" for a, s in self.mesh.shape.items())
         return (f"{type(self).__name__}({type(self._module).__name__}, mesh=({mesh}), "
                 f"{len(self.layout)} arrays, {self.layout.bytes_per_device()} param bytes/device)")
+
+
+def _target_axes(target: Any) -> tuple[str, ...]:
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def _spec_axes(spec: PartitionSpec) -> set[str]:
+    return {a for entry in spec for a in _target_axes(entry)}
+
+
+def _batch_axes(rules: Rules, mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
+    """The mesh axes the first usable ``batch`` rule splits inputs over (none if no rule does)."""
+    for name, target in rules.rules:
+        if name != "batch":
+            continue
+        if target is None:
+            return ()
+        axes = tuple(a for a in _target_axes(target) if mesh_shape.get(a, 1) > 1)
+        if axes:
+            return axes
+    return ()
 
 
 def tree_layout(tree: Any, plan_or_rules: PlanOrRules, mesh: Mesh | None = None) -> Layout:

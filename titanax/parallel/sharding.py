@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax.exceptions import ShardingError, TitanaxWarning
-from titanax.parallel.rules import LogicalNames, Rules, divisible_axes, pad_names
+from titanax.parallel.rules import Dropped, LogicalNames, Rules, divisible_axes, pad_names, warn_dropped
 from titanax.profiling.units import human_bytes
 
 __all__ = ["Leaf", "ParamLayout", "Layout", "layout_tree", "path_string", "place"]
@@ -286,10 +286,13 @@ def _mesh_annotation(leaf: Leaf, mesh_shape: dict[str, int], what: str, strict: 
             suggestion="name each mesh axis at most once per array",
         )
     spec = []
+    dropped: list[Dropped] = []
     for dim, entry in enumerate(names):
         axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-        kept = divisible_axes(axes, dim, leaf.shape, mesh_shape, what, "/".join(axes), strict) if axes else ()
+        kept = divisible_axes(axes, dim, leaf.shape, mesh_shape, what, "/".join(axes), strict,
+                              dropped) if axes else ()
         spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    warn_dropped(dropped, tuple(spec))
     return tuple(spec)
 
 

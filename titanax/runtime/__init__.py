@@ -11,6 +11,8 @@ Example:
 from titanax.runtime.distributed import (
     CPU_DEVICES_VAR,
     DEFAULT_COORDINATOR_PORT,
+    DEFAULT_INIT_TIMEOUT_S,
+    INIT_TIMEOUT_VAR,
     ClusterSpec,
     DistributedInfo,
     devices,
@@ -28,6 +30,8 @@ from titanax.runtime.simulate import simulate_cpu_devices
 __all__ = [
     "CPU_DEVICES_VAR",
     "DEFAULT_COORDINATOR_PORT",
+    "DEFAULT_INIT_TIMEOUT_S",
+    "INIT_TIMEOUT_VAR",
     "AxisNames",
     "ClusterSpec",
     "DistributedInfo",

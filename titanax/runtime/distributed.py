@@ -33,11 +33,16 @@ from ``SLURM_JOB_ID`` (as JAX does, so two jobs sharing a node do not collide); 
 ``TITANAX_CPU_DEVICES=K`` (set by ``titanax.launch.launch(..., cpu_devices_per_proc=K)``) makes
 :func:`initialize` present ``K`` simulated CPU devices in this process
 (:func:`~titanax.runtime.simulate_cpu_devices`) and use gloo for cross-process CPU collectives.
+
+Before ``jax.distributed.initialize``, :func:`initialize` runs Titanax's own start-up rendezvous
+(:mod:`titanax.runtime.rendezvous`), so that a process that never starts is named within
+``TITANAX_INIT_TIMEOUT`` seconds instead of ending every process with JAX's C++ abort.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import os
 import re
@@ -48,10 +53,13 @@ import jax
 
 from titanax.exceptions import DistributedError, MeshError
 from titanax.runtime import simulate as _simulate
+from titanax.runtime.rendezvous import INIT_TIMEOUT_VAR, rendezvous
 
 __all__ = [
     "DEFAULT_COORDINATOR_PORT",
+    "DEFAULT_INIT_TIMEOUT_S",
     "CPU_DEVICES_VAR",
+    "INIT_TIMEOUT_VAR",
     "ClusterSpec",
     "DistributedInfo",
     "resolve_cluster",
@@ -68,6 +76,10 @@ DEFAULT_COORDINATOR_PORT = 12355
 
 CPU_DEVICES_VAR = "TITANAX_CPU_DEVICES"
 """Environment variable asking :func:`initialize` for that many simulated CPU devices per process."""
+
+DEFAULT_INIT_TIMEOUT_S = 120.0
+"""Seconds :func:`initialize` waits for every process to join when neither
+``initialization_timeout=`` nor ``TITANAX_INIT_TIMEOUT`` says otherwise."""
 
 # Same ephemeral window JAX's own SLURM detection uses: every rank derives the same port from the job
 # id, and concurrent jobs on one node rarely collide.
@@ -165,13 +177,13 @@ def _env_value(env: Mapping[str, str], name: str) -> str | None:
     return value.strip()
 
 
-def _parse_int(name: str, text: str) -> int:
+def _parse_int(name: str, text: str, *, example: int = 0) -> int:
     try:
         return int(text)
     except ValueError:
         raise DistributedError(
             f"{name}={text!r} is not an integer",
-            suggestion=f"set {name} to a whole number (e.g. {name}=0) or unset it",
+            suggestion=f"set {name} to a whole number (e.g. {name}={example}) or unset it",
         ) from None
 
 
@@ -580,6 +592,43 @@ def resolve_cluster(
 
 
 # --------------------------------------------------------------------------------------------------
+# Start-up rendezvous (titanax/runtime/rendezvous.py)
+# --------------------------------------------------------------------------------------------------
+
+def _init_timeout(env: Mapping[str, str], explicit: object) -> tuple[float, str]:
+    """Seconds every process waits for the others to join, and where that number came from."""
+    value: object
+    if explicit is not None:
+        origin, value = f"initialization_timeout={explicit!r}", explicit
+    elif (text := _env_value(env, INIT_TIMEOUT_VAR)) is not None:
+        origin = f"{INIT_TIMEOUT_VAR}={text}"
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+    else:
+        return DEFAULT_INIT_TIMEOUT_S, f"the default, {INIT_TIMEOUT_VAR} changes it"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise DistributedError(
+            f"{origin} is not a number of seconds above 0",
+            suggestion=f"pass e.g. initialization_timeout=60 or set {INIT_TIMEOUT_VAR}=60: the seconds "
+            "every process waits for the others to start",
+        )
+    return float(value), origin
+
+
+def _rendezvous(spec: ClusterSpec, timeout_s: float, origin: str) -> None:
+    """:func:`titanax.runtime.rendezvous.rendezvous` for a multi-process ``spec``."""
+    assert spec.coordinator_address is not None  # resolve_cluster guarantees it for several processes
+    rendezvous(spec.coordinator_address, spec.num_processes, spec.process_id, timeout_s, origin)
+
+
+# --------------------------------------------------------------------------------------------------
 # Applying it
 # --------------------------------------------------------------------------------------------------
 
@@ -609,7 +658,7 @@ def _cpu_devices_request(env: Mapping[str, str]) -> int | None:
     text = _env_value(env, CPU_DEVICES_VAR)
     if text is None:
         return None
-    count = _parse_int(CPU_DEVICES_VAR, text)
+    count = _parse_int(CPU_DEVICES_VAR, text, example=8)
     if count < 1:
         raise DistributedError(
             f"{CPU_DEVICES_VAR}={count} must be at least 1",
@@ -683,7 +732,7 @@ def initialize(
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
     *,
-    initialization_timeout: int | None = None,
+    initialization_timeout: float | None = None,
 ) -> DistributedInfo:
     """Starts multi-process JAX if the arguments or the environment ask for it; otherwise does nothing.
 
@@ -696,6 +745,11 @@ def initialize(
     process one device (the one matching its local rank). For one process per node driving every
     GPU, pass ``local_device_ids`` or set ``TITANAX_LOCAL_DEVICE_IDS=0,1,...``.
 
+    Before ``jax.distributed.initialize`` every process reports to process 0 over the coordinator
+    port (see the module docstring), so a process that never starts is named in a
+    :class:`~titanax.exceptions.DistributedError` within ``initialization_timeout`` seconds on
+    every process that did, instead of a C++ abort after JAX's 300 s.
+
     ``TITANAX_CPU_DEVICES=K`` (set by ``titanax.launch.launch(..., cpu_devices_per_proc=K)``)
     first makes this process simulate ``K`` CPU devices
     (:func:`~titanax.runtime.simulate_cpu_devices`) and, for a multi-process run, selects gloo for
@@ -707,15 +761,20 @@ def initialize(
       num_processes: total number of processes.
       process_id: this process's index.
       local_device_ids: local devices this process drives.
-      initialization_timeout: seconds to wait for all processes to connect (JAX's default if None).
+      initialization_timeout: seconds every process waits for the others to join (process 0 for
+        all of them, the others for process 0); if None, ``TITANAX_INIT_TIMEOUT``, else
+        :data:`DEFAULT_INIT_TIMEOUT_S` (120). JAX's own registration gets the same limit.
 
     Returns:
       A :class:`DistributedInfo` describing the processes and devices.
 
     Raises:
       DistributedError: incomplete or contradictory settings, a malformed ``TITANAX_CPU_DEVICES``
-        or one that comes after JAX started, a second call asking for a different setup, or
-        ``jax.distributed.initialize`` failing (the JAX error is chained).
+        or one that comes after JAX started, a timeout that is not a positive number, a second
+        call asking for a different setup, a process that did not join within the timeout
+        (process 0 names the missing ids; the others name the coordinator's address), two
+        processes with one id, or ``jax.distributed.initialize`` failing (the JAX error is
+        chained).
 
     Example:
       >>> import titanax as tx
@@ -738,6 +797,7 @@ def initialize(
             if explicit[field] is None:
                 explicit[field] = getattr(recorded_spec, field)
     spec = resolve_cluster(os.environ, **explicit)
+    timeout_s, timeout_origin = _init_timeout(os.environ, initialization_timeout)
 
     if _INITIALIZED is not None:
         recorded, info = _INITIALIZED
@@ -785,8 +845,10 @@ def initialize(
     )
     if spec.local_device_ids is not None:
         kwargs["local_device_ids"] = list(spec.local_device_ids)
-    if initialization_timeout is not None:
-        kwargs["initialization_timeout"] = int(initialization_timeout)
+    _rendezvous(spec, timeout_s, timeout_origin)
+    # Everyone is up now, so JAX's registration is quick; the limit only matters for a process
+    # that dies between the rendezvous and it.
+    kwargs["initialization_timeout"] = max(1, math.ceil(timeout_s))
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError, TypeError) as e:

@@ -52,6 +52,27 @@ def _fitting_shape(shape: Sequence[int], n: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _fmt_devices(devices: Sequence[Any]) -> str:
+    shown = ", ".join(repr(d) for d in devices[:8])
+    return f"[{shown}{', ...' if len(devices) > 8 else ''}]"
+
+
+def _not_devices(devices: Sequence[Any], culprit: Any) -> MeshError:
+    """The error for a ``devices=`` list that holds something other than ``jax.Device`` objects."""
+    ids = tuple(int(d) for d in devices if isinstance(d, (int, np.integer)) and not isinstance(d, bool))
+    if len(ids) == len(devices):  # device ids: the usual mix-up (JAX's own APIs take the objects)
+        first = f"devices=jax.devices()[:{len(ids)}], or " if ids == tuple(range(len(ids))) else ""
+        return MeshError(
+            f"MeshSpec devices={_fmt_devices(devices)} holds integers (device ids?), not JAX devices",
+            suggestion=f"pass the devices themselves, e.g. {first}"
+            f"devices=[d for d in jax.devices() if d.id in {ids}]",
+        )
+    return MeshError(
+        f"MeshSpec devices={_fmt_devices(devices)} holds {culprit!r} ({type(culprit).__name__}), not a JAX device",
+        suggestion="pass jax.Device objects, e.g. devices=jax.devices()[:4] (or devices=jax.local_devices())",
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
     """A named device mesh: which axes, how large, over which devices.
@@ -75,8 +96,8 @@ class MeshSpec:
     ``axes[0]`` and size 1 on the others."""
 
     devices: tuple[Any, ...] | None = None
-    """Devices to lay out, e.g. ``jax.devices()[:4]``; exactly these are used. ``None`` means
-    ``jax.devices()`` (all devices of all processes)."""
+    """Devices to lay out (``jax.Device`` objects, not ids), e.g. ``jax.devices()[:4]``; exactly
+    these are used. ``None`` means ``jax.devices()`` (all devices of all processes)."""
 
     def __post_init__(self) -> None:
         axes = self.axes
@@ -173,6 +194,8 @@ class MeshSpec:
                 )
             seen: set[Any] = set()
             for d in devs:
+                if not isinstance(d, jax.Device):  # an id or a name would fail deep inside jax.make_mesh
+                    raise _not_devices(devs, d)
                 if d in seen:
                     raise MeshError(
                         f"MeshSpec devices lists {d} more than once",
@@ -218,7 +241,7 @@ class MeshSpec:
                 example = _fitting_shape(self.shape, n)
                 raise MeshError(
                     f"MeshSpec shape {_fmt_shape(self.shape)} for axes {self.axes!r} cannot split {n} "
-                    f"devices: the fixed sizes multiply to {fixed}, which does not divide {n}",
+                    f"device{'s' * (n != 1)}: the fixed sizes multiply to {fixed}, which does not divide {n}",
                     suggestion=f"use fixed sizes whose product divides {n} "
                     f"({', '.join(map(str, _divisors(n)))}), e.g. shape={_fmt_shape(example)}",
                 )
@@ -228,11 +251,11 @@ class MeshSpec:
             verb = "needs" if fixed > n else "uses only"
             raise MeshError(
                 f"MeshSpec shape {_fmt_shape(self.shape)} for axes {self.axes!r} {verb} {fixed} "
-                f"devices but {n} are available (every device must be used)",
+                f"devices but {n} {'are' if n != 1 else 'is'} available (every device must be used)",
                 suggestion=f"use shape={_fmt_shape(example)} to infer one axis, or pass devices= with "
                 f"exactly {fixed} devices (e.g. devices=jax.devices()[:{fixed}])"
                 if fixed < n
-                else f"use shape={_fmt_shape(example)} to infer one axis from the {n} devices",
+                else f"use shape={_fmt_shape(example)} to infer one axis from the {n} device{'s' * (n != 1)}",
             )
         return tuple(self.shape)
 
