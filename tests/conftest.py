@@ -1,12 +1,21 @@
 """Every test sees 8 fake CPU devices; this must run before JAX computes anything."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 # In XLA_FLAGS (not only jax's config) so that subprocesses started by tests inherit the 8 devices.
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
                                     "--xla_force_host_platform_device_count=8"]).strip()
+# XLA programs compiled in this run are kept on disk for the rest of it: the fresh processes the
+# tests start (checkpoint workers, launched jobs, docs pages) and tests that build the same model
+# load a program compiled once instead of compiling it again. Each run starts with an empty cache.
+_XLA_CACHE = tempfile.mkdtemp(prefix="titanax-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
 sys.path.insert(0, os.path.dirname(__file__))  # `import models` from any test directory
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # `import examples.<name>.<module>`
 

@@ -4,6 +4,7 @@ layer, and a checkpoint that moves from TP 2 to TP 4."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import jax
 import numpy as np
@@ -128,9 +129,10 @@ def test_checkpoint_written_under_tp2_continues_under_tp4(tmp_path):
         eng.fit(train_step, loader, steps=steps, hooks=[lambda step, state, m: seen.__setitem__(step, m["loss"])])
         return seen
 
-    uninterrupted = losses_of(engine("tp2", None), 3)
+    # One uninterrupted TP 2 run that also checkpoints step 2; its step 3 is the reference.
     directory = tmp_path / "ckpt"
-    losses_of(engine("tp2", tx.io.OrbaxCheckpoint(directory, every=2, async_save=False)), 2)
+    uninterrupted = losses_of(engine("tp2", tx.io.OrbaxCheckpoint(directory, every=2, async_save=False)), 3)
+    shutil.rmtree(directory / "3")  # as if the run had stopped after step 2
     tp4 = engine("dp2_tp4", tx.io.OrbaxCheckpoint(directory, every=100, async_save=False))
     continued = losses_of(tp4, 3)  # restores step 2 (and the data position), then trains step 3
     assert list(continued) == [3], continued

@@ -4,6 +4,8 @@ checkpoint on disk is the last good state, which resumes."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,12 +39,21 @@ def train_step(state, batch):
     return state.apply_gradients(grads=grads), {"loss": value}
 
 
+MESH = tx.MeshSpec(axes=("data",)).build()
+
+
 def engine(**kwargs) -> tx.Engine:
-    return tx.Engine(mesh=tx.MeshSpec(axes=("data",)).build(), plan=PLAN, optimizer=optax.adam(1e-2), **kwargs)
+    return tx.Engine(mesh=MESH, plan=PLAN, optimizer=optax.adam(1e-2), **kwargs)
+
+
+@functools.cache
+def model() -> tx.ShardedModel:
+    return tx.shard(lambda rngs: m.NNXMLP(rngs), PLAN, MESH, rng=0)
 
 
 def init(e: tx.Engine) -> tx.TrainState:
-    return e.init(lambda rngs: m.NNXMLP(rngs), rng=0)
+    """A fresh state of one sharded model: every engine here reuses the compiled step."""
+    return e.init(model())
 
 
 def all_finite(tree) -> bool:

@@ -36,12 +36,14 @@ def train_step(state, b):
 def fsdp():
     mesh = tx.MeshSpec(axes=("fsdp",)).build()
     engine = tx.Engine(mesh=mesh, plan=FSDP8, optimizer=optax.sgd(0.1))
-    return engine, mesh
+    model = tx.shard(lambda rngs: m.NNXMLP(rngs), FSDP8, mesh)
+    return engine, mesh, model
 
 
 def fresh(fsdp) -> tx.TrainState:
-    engine, _ = fsdp
-    return engine.init(lambda rngs: m.NNXMLP(rngs), rng=0)
+    """A new state of the one sharded model: the same layout, so compiled steps are reused."""
+    engine, _, model = fsdp
+    return engine.init(model)
 
 
 def test_reusing_a_donated_state_is_refused_naming_an_array(fsdp):
@@ -53,7 +55,7 @@ def test_reusing_a_donated_state_is_refused_naming_an_array(fsdp):
 
 
 def test_a_state_resharded_by_hand_compiles_for_its_new_layout(fsdp):
-    _, mesh = fsdp
+    _, mesh, _ = fsdp
     state = fresh(fsdp)
     step = tx.step_fn(train_step.fn, donate=False)
     expected, _ = step(state, batch())  # compiled for the plan's layout
@@ -93,7 +95,7 @@ def test_a_feature_width_change_names_the_leaf_and_both_shapes(fsdp):
 
 
 def test_a_non_scalar_eval_metric_is_named(fsdp):
-    engine, _ = fsdp
+    engine, _, _ = fsdp
 
     def eval_step(state, b):
         return {"loss": mse(state, state.params, b), "error": state.apply(state.params, b["x"]) - b["y"]}

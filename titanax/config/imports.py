@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -15,7 +16,7 @@ from typing import Any
 
 from titanax.exceptions import ConfigError
 
-__all__ = ["call_signature", "check_arguments", "import_object", "qualified_name"]
+__all__ = ["call_signature", "check_arguments", "describe_type", "import_object", "qualified_name", "strip_optional"]
 
 
 def import_object(path: str, key: str) -> Any:
@@ -124,13 +125,11 @@ def _check_type(factory: Any, param: inspect.Parameter, value: Any, key: str, na
     ``'abc'``), which would otherwise fail deep inside the model's first call. Only annotations
     YAML values can be judged by (numbers, strings, booleans, lists, mappings, unions of them) are
     checked; anything else (a dtype, a callable, ``Any``) is left to the call."""
-    from titanax.config.loader import _describe_type
-
     hint = _resolve_annotation(factory, param.annotation)
     if hint is None or _fits(value, hint) is not False:
         return
     written = param.annotation if isinstance(param.annotation, str) else inspect.formatannotation(hint)
-    expected = _describe_type(hint)
+    expected = describe_type(hint)
     raise ConfigError(f"{key}={value!r} does not fit `{param.name}: {written}` in {name}",
                       suggestion=f"write {key} as {expected}" if "another kind" not in expected
                       else f"give {key} a value of type {written}")
@@ -213,3 +212,32 @@ def call_signature(factory: Callable[..., Any]) -> inspect.Signature | None:
 def qualified_name(obj: Any) -> str:
     """``module.QualifiedName`` of a class or function, for messages."""
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def strip_optional(hint: Any) -> Any:
+    """``X`` from ``Optional[X]`` / ``X | None``; other hints unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def describe_type(hint: Any) -> str:
+    """A type hint in words for configuration errors (``an integer``, ``a list of strings``)."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    hint = strip_optional(hint)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    origin = typing.get_origin(hint)
+    if hint in names:
+        text = names[hint]
+    elif origin in (tuple, list):
+        inner = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+        text = f"a list of {names.get(inner, 'a value').split(' ', 1)[-1]}s"
+    elif origin is dict:
+        text = "a mapping of names to values"
+    elif dataclasses.is_dataclass(hint):
+        text = f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(hint))}"
+    else:
+        text = "a value of another kind"
+    return f"{text} or null" if optional else text

@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import os
 import re
-import types
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +22,7 @@ import yaml
 from omegaconf import OmegaConf, read_write
 from omegaconf import errors as oc_errors
 
+from titanax.config.imports import describe_type, strip_optional
 from titanax.config.schema import PlanConfig, RunConfig
 from titanax.exceptions import ConfigError, TitanaxError
 
@@ -177,7 +177,7 @@ def _translate(error: Exception, layers: list[Any], where: str, overrides: Seque
         return ConfigError(f"{where}: {key} cannot be resolved: {message}",
                            suggestion="check the ${...} reference: it must name an existing key")
     if key:
-        expected = _describe_type(_hint_at(key))
+        expected = describe_type(_hint_at(key))
         value = _value_at(layers, key)
         shown = f"={value!r}" if value is not _ABSENT else ""
         return ConfigError(f"{where}: {key}{shown} has the wrong type: expected {expected}",
@@ -229,18 +229,10 @@ def _deepest_failure(schema: Any, layer: Any, name: str) -> str:
 _ABSENT = object()
 
 
-def _strip_optional(hint: Any) -> Any:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return hint
-
-
 def _hint_at(key: str) -> Any:
     hint: Any = RunConfig
     for part in key.split("."):
-        hint = _strip_optional(hint)
+        hint = strip_optional(hint)
         if not dataclasses.is_dataclass(hint):
             return None
         hints = typing.get_type_hints(hint)
@@ -251,29 +243,10 @@ def _hint_at(key: str) -> Any:
 
 
 def _fields_at(parents: list[str]) -> list[str] | None:
-    hint = _strip_optional(_hint_at(".".join(parents)) if parents else RunConfig)
+    hint = strip_optional(_hint_at(".".join(parents)) if parents else RunConfig)
     if not dataclasses.is_dataclass(hint):
         return None
     return [f.name for f in dataclasses.fields(hint)]
-
-
-def _describe_type(hint: Any) -> str:
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-    hint = _strip_optional(hint)
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    origin = typing.get_origin(hint)
-    if hint in names:
-        text = names[hint]
-    elif origin in (tuple, list):
-        inner = typing.get_args(hint)[0] if typing.get_args(hint) else Any
-        text = f"a list of {names.get(inner, 'a value').split(' ', 1)[-1]}s"
-    elif origin is dict:
-        text = "a mapping of names to values"
-    elif dataclasses.is_dataclass(hint):
-        text = f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(hint))}"
-    else:
-        text = "a value of another kind"
-    return f"{text} or null" if optional else text
 
 
 def _value_at(layers: list[Any], key: str) -> Any:

@@ -91,13 +91,26 @@ class StepFunction:
         self.fn = fn
         self.manual = manual
         self.donate = donate
-        self._compiled: dict[Any, Callable[..., Any]] = {}
+        self._compiled: dict[Any, Callable[..., Any]] = {}  # by exact layout (with shardings)
+        self._latest: dict[Any, Callable[..., Any]] = {}  # by structure and batch shape: the hot path
         self._batch_shapes: dict[str, tuple[tuple[int, ...], Any]] | None = None
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-        jitted = self.jitted(state, batch)
+        # Reading every array's sharding costs microseconds each, so the hot path keys on the
+        # structure alone and lets jax.jit compare shardings; a mismatch (refused before anything
+        # runs or is donated) looks the exact layout up.
+        _check_live(state, f"step {self.__name__!r}")
+        fn = self._latest.get((jax.tree.structure(state), _batch_key(batch))) or self.jitted(state, batch)
         with explained(self, state, batch):
-            return jitted(state, batch)
+            try:
+                return fn(state, batch)
+            except ValueError as err:
+                if _SHARDING_MISMATCH not in str(err):
+                    raise
+                exact = self.jitted(state, batch)
+                if exact is fn:
+                    raise  # the state fits: it is the batch that sits elsewhere
+                return exact(state, batch)
 
     def lower(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
         """The compiled program's lowering, for ``tx.profiling.inspect``."""
@@ -106,16 +119,13 @@ class StepFunction:
             return jitted.lower(state, batch)
 
     def jitted(self, state: TrainState, batch: Any) -> Callable[..., Any]:
-        """The ``jax.jit``-wrapped step for this state's layout and batch shape (built once)."""
-        if not isinstance(state, TrainState):
-            raise TitanaxError(
-                f"a step function takes a tx.TrainState first, got {type(state).__name__}",
-                suggestion="create one with engine.init(...) or tx.create_train_state(sharded_model, optimizer)",
-            )
+        """The ``jax.jit``-wrapped step for this state's layout (structure and shardings; ``jax.jit``
+        retraces for new shapes and dtypes) and batch shape: built once per layout."""
         key = (layout_key(state, owner=f"step {self.__name__!r}"), _batch_key(batch))
         jitted = self._compiled.get(key)
         if jitted is None:
             jitted = self._compiled[key] = self._build(state, batch)
+        self._latest[(key[0][0], key[1])] = jitted
         return jitted
 
     def _build(self, state: TrainState, batch: Any) -> Callable[..., Any]:
@@ -224,26 +234,34 @@ def scalar_metrics(metrics: Any, owner: str) -> dict[str, jax.Array]:
     return out
 
 
+_SHARDING_MISMATCH = "does not match the sharding"  # jax.jit: a committed argument laid out otherwise
+
+
+def _check_live(state: Any, owner: str) -> None:
+    """Refuse a state whose buffers were donated to an earlier call (JAX would crash on them)."""
+    if not isinstance(state, TrainState):
+        raise TitanaxError(
+            f"a step function takes a tx.TrainState first, got {type(state).__name__}",
+            suggestion="create one with engine.init(...) or tx.create_train_state(sharded_model, optimizer)",
+        )
+    for index, leaf in enumerate(jax.tree.leaves(state)):
+        if isinstance(leaf, jax.Array) and leaf.is_deleted():
+            path = path_string(jax.tree_util.tree_flatten_with_path(state)[0][index][0])
+            raise TitanaxError(
+                f"{owner} got a state whose array {path!r} was deleted: the state was donated to an "
+                "earlier call (its buffers now hold the state that call returned)",
+                suggestion="use the state each call returns (`state, metrics = train_step(state, "
+                "batch)`), or build the step with @tx.step_fn(donate=False) to keep old states "
+                "usable at the cost of memory",
+            )
+
+
 def layout_key(state: TrainState, *, owner: str) -> tuple:
-    """What a compiled step is specialised to: the state's structure and each array's shape, dtype
-    and sharding. Refuses a state whose buffers were donated to an earlier call."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    signature = []
-    for path, leaf in leaves:
-        if isinstance(leaf, jax.Array):
-            if leaf.is_deleted():
-                raise TitanaxError(
-                    f"{owner} got a state whose array {path_string(path)!r} was deleted: the state "
-                    "was donated to an earlier call (its buffers now hold the state that call "
-                    "returned)",
-                    suggestion="use the state each call returns (`state, metrics = train_step(state, "
-                    "batch)`), or build the step with @tx.step_fn(donate=False) to keep old states "
-                    "usable at the cost of memory",
-                )
-            signature.append((leaf.shape, leaf.dtype, leaf.sharding))
-        else:
-            signature.append((np.shape(leaf), type(leaf)))
-    return treedef, tuple(signature)
+    """What a compiled step is specialised to: the state's structure and each array's sharding
+    (``jax.jit`` itself retraces for new shapes and dtypes). Refuses a donated state."""
+    _check_live(state, owner)
+    leaves, treedef = jax.tree.flatten(state)
+    return treedef, tuple(leaf.sharding if isinstance(leaf, jax.Array) else None for leaf in leaves)
 
 
 def _batch_key(batch: Any) -> tuple:
@@ -288,7 +306,7 @@ def _explain(step: StepFunction, state: TrainState, batch: Any, err: BaseExcepti
     text = str(err)
     name = getattr(step.fn, "__name__", "step")
     shapes = _leaf_shapes(batch)
-    if "does not match the sharding" in text:
+    if _SHARDING_MISMATCH in text:
         expected = batch_shardings(state, batch)
         for (path, leaf), want in zip(jax.tree_util.tree_flatten_with_path(batch)[0], jax.tree.leaves(expected)):
             have = getattr(leaf, "sharding", None)
