@@ -1,7 +1,7 @@
 """A process of a multi-process job that never starts: `initialize()` names it within the timeout.
 
 JAX alone waits 300 s and then aborts every process that did start with a C++ check failure that
-names nobody; Titanax's rendezvous on the coordinator port (titanax/runtime/distributed.py) makes
+names nobody; Titanax's rendezvous on the coordinator port (titanax/runtime/rendezvous.py) makes
 process 0 name the missing ids and the others name the coordinator's address. These tests run the
 rendezvous in this test process (threads play the other processes), so they start no JAX process;
 `test_launch_jax.py` covers a real `titanax launch` with a process that exits before joining.
@@ -154,20 +154,21 @@ def test_a_different_number_of_processes_is_refused_at_once():
 
 
 def test_a_process_that_hangs_up_and_a_stranger_are_named():
+    # Three processes, so that process 0 is still waiting (for process 2) when process 1 leaves.
     port = free_port()
     address = f"127.0.0.1:{port}"
-    coordinator = _Process(address, 2, 0, timeout_s=2)
+    coordinator = _Process(address, 3, 0, timeout_s=2)
     time.sleep(0.5)
     with socket.create_connection(("127.0.0.1", port)) as quitter:
-        quitter.sendall(b"TITANAX-JOIN 1 2 1\n")
+        quitter.sendall(b"TITANAX-JOIN 1 3 1\n")
         assert quitter.recv(64).startswith(b"WAIT ")
     with socket.create_connection(("127.0.0.1", port)) as grpc_client:
         grpc_client.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     error = coordinator.outcome()
     assert error is not None and error.message == (
         f"the coordinator (process 0) at {address} waited 2 s (timeout=2) for the other processes: "
-        "process 1 (on 127.0.0.1) connected and then hung up; 1 connection(s) from 127.0.0.1 did not "
-        "come from titanax.runtime.initialize()"), error
+        "process 2 of 3 never connected; process 1 (on 127.0.0.1) connected and then hung up; "
+        "1 connection(s) from 127.0.0.1 did not come from titanax.runtime.initialize()"), error
 
 
 def test_the_coordinator_port_in_use():
