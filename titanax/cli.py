@@ -164,22 +164,33 @@ def _with_cpu_devices_hint(error: BaseException, cfg: Any) -> BaseException:
 
 @app.command()
 def describe(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices = None,
+             device: Annotated[Optional[str], typer.Option(
+                 "--device", metavar="NAME",
+                 help="Judge the plan against one device's memory: a100-40gb, a100, h100, h200, b200, "
+                 "mi300x, tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e.")] = None,
+             device_memory: Annotated[Optional[str], typer.Option(
+                 "--device-memory", metavar="SIZE",
+                 help="Judge the plan against this much memory per device, e.g. 80GiB or 96GB.")] = None,
              debug: Debug = False) -> None:
-    """Dry run: lay out and compile the training step without training.
+    """Dry run: lay out and compile the training step without allocating or training anything.
 
     Builds the mesh and plan on simulated CPU devices (as many as the mesh shape asks for, or
-    --cpu-devices), compiles one training step ahead of time and prints the layout of every
-    parameter, memory per device (parameters, optimizer state, activations and temporaries),
-    collectives per step and the pipeline bubble. Nothing is trained, loaded or written.
+    --cpu-devices), compiles one training step ahead of time from abstract state and prints the
+    layout of every parameter, memory per device (parameters, optimizer state, activations and
+    temporaries, the peak; with --device or --device-memory a verdict), collectives per step and
+    the pipeline bubble. Nothing is allocated, trained, loaded or written.
     """
     from titanax.exceptions import TitanaxError
 
     cfg = None
     try:
+        from titanax.profiling.devices import device_memory as memory_of
+
+        judged = memory_of(device, device_memory) if device is not None or device_memory is not None else None
         cfg = _start(config, overrides, cpu_devices, default_devices=_mesh_devices)
         from titanax.config.describe import describe_run
 
-        typer.echo(describe_run(cfg).render())
+        typer.echo(describe_run(cfg, device=judged).render())
     except TitanaxError as error:
         _fail(_with_cpu_devices_hint(error, cfg), debug)
 

@@ -51,6 +51,12 @@ class GPTConfig:
     """Blocks per iteration of the layer scan; ``True`` unrolls the stack (compile time then grows
     with depth)."""
 
+    remat: str = "none"
+    """What each block keeps for the backward pass (``tx.nn.LayerStack(remat=)``): ``none`` keeps
+    every intermediate; ``full`` keeps only the block's input and recomputes the block (least
+    memory, about a third more compute); ``save_dots``, ``save_dots_no_batch`` keep matmul outputs;
+    ``offload`` keeps the projections' outputs in host memory (GPU/TPU)."""
+
     def __post_init__(self) -> None:
         for field in ("vocab_size", "max_seq_len", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
             value = getattr(self, field)
@@ -64,6 +70,9 @@ class GPTConfig:
         if self.attention not in (None, "xla", "cudnn"):
             raise tx.TitanaxError(f"GPTConfig(attention={self.attention!r}) is not an implementation",
                                   suggestion="use None (JAX picks), 'xla' or 'cudnn'")
+        if not isinstance(self.remat, str) or self.remat not in tx.nn.REMAT_POLICIES:
+            raise tx.TitanaxError(f"GPTConfig(remat={self.remat!r}) is not a remat policy",
+                                  suggestion=f"use one of {', '.join(tx.nn.REMAT_POLICIES)}")
 
     @property
     def head_dim(self) -> int:
@@ -176,7 +185,7 @@ class GPT(nnx.Module):
         self.wpe = nnx.Embed(cfg.max_seq_len, cfg.embed_dim, rngs=rngs,
                              embedding_init=_init(nnx.initializers.normal(0.01), None, "embed"))
         self.blocks = tx.nn.LayerStack(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs=rngs,
-                                          unroll=cfg.unroll_layers)
+                                       unroll=cfg.unroll_layers, remat=cfg.remat)
         self.ln_f = _layer_norm(cfg.embed_dim, rngs)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
@@ -195,7 +204,8 @@ class GPT(nnx.Module):
 
 def gpt(preset: str = "tiny", *, rngs: nnx.Rngs, vocab_size: int | None = None, max_seq_len: int | None = None,
         num_layers: int | None = None, num_heads: int | None = None, embed_dim: int | None = None,
-        mlp_dim: int | None = None, attention: str | None = None, unroll_layers: int | bool | None = None) -> GPT:
+        mlp_dim: int | None = None, attention: str | None = None, unroll_layers: int | bool | None = None,
+        remat: str | None = None) -> GPT:
     """The run-config model factory (``model: {factory: examples.gpt_small_tp.model:gpt, args: ...}``).
 
     Every ``GPTConfig`` field is a named argument, so a misspelled ``model.args`` key fails when the
@@ -204,8 +214,9 @@ def gpt(preset: str = "tiny", *, rngs: nnx.Rngs, vocab_size: int | None = None, 
     Args:
       preset: a key of :data:`CONFIGS` (``tiny``, ``small``).
       rngs: the initialization keys (Titanax passes them).
-      vocab_size, max_seq_len, num_layers, num_heads, embed_dim, mlp_dim, attention, unroll_layers:
-        ``GPTConfig`` fields to change (``None``: the preset's value), e.g. ``num_layers=4``.
+      vocab_size, max_seq_len, num_layers, num_heads, embed_dim, mlp_dim, attention, unroll_layers, remat:
+        ``GPTConfig`` fields to change (``None``: the preset's value), e.g. ``num_layers=4`` or
+        ``remat="full"``.
 
     Returns:
       The model.
@@ -213,7 +224,8 @@ def gpt(preset: str = "tiny", *, rngs: nnx.Rngs, vocab_size: int | None = None, 
     if preset not in CONFIGS:
         raise tx.TitanaxError(f"model preset {preset!r} is unknown", suggestion=f"use one of {list(CONFIGS)}")
     given = {"vocab_size": vocab_size, "max_seq_len": max_seq_len, "num_layers": num_layers, "num_heads": num_heads,
-             "embed_dim": embed_dim, "mlp_dim": mlp_dim, "attention": attention, "unroll_layers": unroll_layers}
+             "embed_dim": embed_dim, "mlp_dim": mlp_dim, "attention": attention, "unroll_layers": unroll_layers,
+             "remat": remat}
     return GPT(dataclasses.replace(CONFIGS[preset], **{k: v for k, v in given.items() if v is not None}), rngs=rngs)
 
 

@@ -449,7 +449,7 @@ def test_describe_gpt_small_layout_table(gpt_small):
     assert "Mesh data=2 x tensor=4" in text
     assert "TP    over 'tensor' (4 devices)" in text
     assert "124.48 M parameters in all" in text
-    assert "all-reduce" in text and "nothing was trained" in text
+    assert "all-reduce" in text and "nothing was allocated or trained" in text
 
 
 def test_plain_step_function_is_wrapped(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -23,7 +22,7 @@ from titanax.profiling import (
     inspect,
     shape_bytes,
 )
-from titanax.profiling.compiled import _stats_from
+from titanax.profiling.compiled import _count, _stats_from
 
 F32 = 4
 
@@ -183,7 +182,7 @@ def test_parser_tuple_results_are_summed():
     assert count_collectives(a2a)["all-to-all"] == CollectiveStats(1, 64)
 
 
-def test_parser_counts_ops_inside_fusion_and_while_bodies_once_per_appearance():
+def test_parser_counts_fusion_once_and_a_while_of_unknown_trip_count_once_as_a_lower_bound():
     text = """HloModule jit_step, is_scheduled=true, num_partitions=8
 
 %fused_computation (param_0.1: f32[8,16]) -> f32[8,16] {
@@ -206,10 +205,152 @@ ENTRY %main (p: f32[8,16]) -> f32[8,16] {
   ROOT %out = f32[8,16]{1,0} get-tuple-element(%while), index=1
 }
 """
-    stats = count_collectives(text)
+    stats, unknown_trip_loops = _count(text)
+    assert stats == count_collectives(text)
+    # No known_trip_count on the while: its body counts once, and the loop is reported.
     assert stats["all-reduce"] == CollectiveStats(1, 512)
     assert stats["all-gather"] == CollectiveStats(1, 64 * 16 * 4)
     assert stats["collective-permute"] == CollectiveStats(1, 512)
+    assert unknown_trip_loops == 1
+    compiled = _stats_from(None, None, text)
+    assert compiled.unknown_trip_loops == 1
+    assert "at least: 1 loop of unknown trip count" in compiled.describe()
+
+
+# A scanned stack: ENTRY runs a while of 5 trips; its body holds one all-reduce (async pair) and a
+# nested while of 3 trips whose body all-gathers inside a fusion-like async wrapper; the outer
+# condition holds a (scalar) all-reduce, run trips + 1 = 6 times. Written as XLA:CPU prints it.
+NESTED_LOOPS = """HloModule jit_stack, is_scheduled=true, num_partitions=8
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%gather_wrapper (p0: f32[2,16]) -> f32[16,16] {
+  %p0 = f32[2,16]{1,0} parameter(0)
+  ROOT %all-gather.1 = f32[16,16]{1,0} all-gather(f32[2,16]{1,0} %p0), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+}
+
+%inner_body (q: (s32[], f32[2,16])) -> (s32[], f32[2,16]) {
+  %q = (s32[], f32[2,16]{1,0}) parameter(0)
+  %h = f32[2,16]{1,0} get-tuple-element(%q), index=1
+  %ag-start = ((f32[2,16]{1,0}), f32[16,16]{1,0}, s32[]) async-start(f32[2,16]{1,0} %h), calls=%gather_wrapper
+  %ag-done = f32[16,16]{1,0} async-done(((f32[2,16]{1,0}), f32[16,16]{1,0}, s32[]) %ag-start), calls=%gather_wrapper
+  ROOT %t = (s32[], f32[2,16]{1,0}) tuple(%i, %h)
+}
+
+%inner_cond (q.1: (s32[], f32[2,16])) -> pred[] {
+  %q.1 = (s32[], f32[2,16]{1,0}) parameter(0)
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+%outer_body (c: (s32[], f32[2,16])) -> (s32[], f32[2,16]) {
+  %c = (s32[], f32[2,16]{1,0}) parameter(0)
+  %v = f32[2,16]{1,0} get-tuple-element(%c), index=1
+  %all-reduce-start = f32[2,16]{1,0} all-reduce-start(f32[2,16]{1,0} %v), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  %all-reduce-done = f32[2,16]{1,0} all-reduce-done(f32[2,16]{1,0} %all-reduce-start)
+  %inner = (s32[], f32[2,16]{1,0}) while((s32[], f32[2,16]{1,0}) %init.1), condition=%inner_cond, body=%inner_body, metadata={op_name="jit(stack)/while/body/while"}, backend_config={"known_trip_count":{"n":"3"},"known_init_step":{"init":"0","step":"1"}}
+  ROOT %t.1 = (s32[], f32[2,16]{1,0}) tuple(%i.1, %all-reduce-done)
+}
+
+%outer_cond (c.1: (s32[], f32[2,16])) -> pred[] {
+  %c.1 = (s32[], f32[2,16]{1,0}) parameter(0)
+  %flag = f32[] all-reduce(f32[] %z), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  ROOT %lt.1 = pred[] compare(%a.1, %b.1), direction=LT
+}
+
+ENTRY %main (p: f32[2,16]) -> f32[2,16] {
+  %p = f32[2,16]{1,0} parameter(0)
+  %outer = (s32[], f32[2,16]{1,0}) while((s32[], f32[2,16]{1,0}) %init), condition=%outer_cond, body=%outer_body, metadata={op_name="jit(stack)/while"}, backend_config={"dynamic_variables":[],"known_induction_variable":{"tuple_index":"0"},"known_init_step":{"init":"0","step":"1"},"known_trip_count":{"n":"5"}}
+  ROOT %out = f32[2,16]{1,0} get-tuple-element(%outer), index=1
+}
+"""
+
+
+def test_parser_counts_a_loop_body_once_per_trip_and_nested_loops_multiply():
+    stats, unknown_trip_loops = _count(NESTED_LOOPS)
+    assert unknown_trip_loops == 0
+    # Per step: the body's all-reduce 5 times, the condition's scalar all-reduce 5 + 1 times.
+    assert stats["all-reduce"] == CollectiveStats(count=5 + 6, bytes=5 * 2 * 16 * F32 + 6 * F32,
+                                                  static_count=2, static_bytes=2 * 16 * F32 + F32)
+    # The inner body runs 3 times per outer trip; its async-done repeating `calls=` is no call.
+    assert stats["all-gather"] == CollectiveStats(count=15, bytes=15 * 16 * 16 * F32,
+                                                  static_count=1, static_bytes=16 * 16 * F32)
+    compiled = _stats_from(None, None, NESTED_LOOPS)
+    assert compiled.total_collective_count == 11 + 15
+    assert compiled.total_collective_bytes == stats["all-reduce"].bytes + stats["all-gather"].bytes
+    assert (compiled.unknown_trip_loops, compiled.num_partitions) == (0, 8)
+    text = compiled.describe()
+    assert "once per trip" in text and "at least" not in text
+    assert "all-gather" in text and "15.00 KiB" in text  # 15 trips x 1 KiB, not 1 KiB
+
+
+def test_parser_loop_with_zero_trips_counts_nothing_but_stays_in_the_text():
+    text = NESTED_LOOPS.replace('"known_trip_count":{"n":"5"}', '"known_trip_count":{"n":"0"}')
+    stats = count_collectives(text)
+    assert stats["all-gather"] == CollectiveStats(0, 0, 1, 16 * 16 * F32)
+    assert stats["all-reduce"] == CollectiveStats(1, F32, 2, 2 * 16 * F32 + F32)  # condition once
+    assert "all-gather" in _stats_from(None, None, text).describe()
+
+
+def test_parser_conditional_counts_its_heaviest_branch_once():
+    text = """HloModule m, num_partitions=2
+
+%small (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  ROOT %all-reduce.1 = f32[4]{0} all-reduce(f32[4]{0} %a), replica_groups={{0,1}}, to_apply=%add
+}
+
+%large (b: f32[4]) -> f32[64] {
+  %b = f32[4]{0} parameter(0)
+  %all-gather.1 = f32[8]{0} all-gather(f32[4]{0} %b), replica_groups={{0,1}}, dimensions={0}
+  ROOT %all-gather.2 = f32[64]{0} all-gather(f32[32]{0} %big), replica_groups={{0,1}}, dimensions={0}
+}
+
+%none (c: f32[4]) -> f32[4] {
+  ROOT %c = f32[4]{0} parameter(0)
+}
+
+%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %case = f32[64]{0} conditional(s32[] %i, f32[4]{0} %x, f32[4]{0} %x, f32[4]{0} %x), branch_computations={%small, %large, %none}
+  %if = f32[4]{0} conditional(pred[] %p, f32[4]{0} %x, f32[4]{0} %x), true_computation=%small, false_computation=%none
+  ROOT %r = (s32[], f32[4]{0}) tuple(%i, %x)
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %o = f32[4]{0} get-tuple-element(%w), index=1
+}
+"""
+    stats = count_collectives(text)
+    # 4 trips x (the `large` branch of the case + the `small` branch of the if).
+    assert stats["all-gather"] == CollectiveStats(8, 4 * (32 + 256), 2, 32 + 256)
+    assert stats["all-reduce"] == CollectiveStats(4, 4 * 16, 1, 16)
+
+
+def test_parser_lowered_text_without_percent_signs_and_deep_nesting():
+    # Lowered (not optimized) HLO: `name {` headers, no trip counts, names shared by an
+    # instruction and a computation. 2000 nested calls must not hit Python's recursion limit.
+    depth = 2000
+    parts = ["HloModule jit_f, entry_computation_layout={(f32[4]{0})->f32[4]{0}}", ""]
+    parts += ["leaf {", "  a = f32[4]{0} parameter(0)",
+              "  ROOT all-reduce.1 = f32[4]{0} all-reduce(a), replica_groups={}, to_apply=add", "}", ""]
+    prev = "leaf"
+    for i in range(depth):
+        parts += [f"call.{i} {{", "  x = f32[4]{0} parameter(0)",
+                  f"  ROOT call.{i} = f32[4]{{0}} call(x), to_apply={prev}", "}", ""]
+        prev = f"call.{i}"
+    parts += ["region_0.2 {", "  t = (s32[], f32[4]{0}) parameter(0)",
+              f"  c = f32[4]{{0}} call(t), to_apply={prev}", "}", "",
+              "ENTRY main.4 {", "  x.1 = f32[4]{0} parameter(0)",
+              "  while.5 = (s32[], f32[4]{0}) while(while.4), condition=region_1.3, body=region_0.2",
+              "}"]
+    stats, unknown_trip_loops = _count("\n".join(parts))
+    assert stats["all-reduce"] == CollectiveStats(1, 16)
+    assert unknown_trip_loops == 1
 
 
 def test_parser_ignores_lookalikes():
@@ -413,7 +554,7 @@ def test_peak_bytes_matches_memory_analysis(devices8):
                                      - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
 
 
-def test_scan_body_is_costed_and_counted_once(devices8):
+def test_scan_body_is_costed_once_but_its_collectives_counted_per_trip(devices8):
     mesh = _mesh((8,), ("d",))
     n, trips = 64, 10
 
@@ -427,9 +568,51 @@ def test_scan_body_is_costed_and_counted_once(devices8):
     one_matmul = 2 * n**3
     # XLA's cost model visits the loop body once: about one matmul, not `trips` of them.
     assert one_matmul <= stats.flops < 2 * one_matmul
-    # One psum before the loop, one inside its body: counted once each, not once per trip.
-    assert stats.count("all-reduce") == 2
-    assert stats.bytes("all-reduce") == 2 * n * n * F32
+    # One psum before the loop, one inside its body: the body's runs once per trip.
+    assert stats.count("all-reduce") == 1 + trips
+    assert stats.bytes("all-reduce") == (1 + trips) * n * n * F32
+    assert stats.collectives["all-reduce"].static_count == 2  # each op once in the text
+    assert stats.unknown_trip_loops == 0
+
+
+def _stack_collectives(layers, unroll, nest=None):
+    """Collectives of a compiled Megatron MLP stack under GSPMD: each layer's column- then
+    row-parallel matmul leaves partial sums that one all-reduce of [B, D] completes."""
+    mesh = _mesh((8,), ("d",))
+    B, D, H = 4, 16, 32
+    lead = (layers,) if nest is None else (layers // nest, nest)
+    rep = NamedSharding(mesh, P())
+    w1s = NamedSharding(mesh, P(*(None,) * len(lead), None, "d"))
+    w2s = NamedSharding(mesh, P(*(None,) * len(lead), "d", None))
+
+    def layer(h, w):
+        return jnp.tanh(jnp.tanh(h @ w[0]) @ w[1]), None
+
+    def inner(h, w):
+        return jax.lax.scan(layer, h, w, unroll=unroll)[0], None
+
+    def stack(x, w1, w2):
+        return jax.lax.scan(layer if nest is None else inner, x, (w1, w2), unroll=unroll)[0]
+
+    step = jax.jit(stack, in_shardings=(rep, w1s, w2s), out_shardings=rep)
+    compiled = step.lower(_sds((B, D), rep), _sds((*lead, D, H), w1s), _sds((*lead, H, D), w2s)).compile()
+    return inspect(compiled), B * D * F32
+
+
+@pytest.mark.parametrize("nest", [None, 2], ids=["scan", "scan_in_scan"])
+def test_scanned_stack_moves_as_many_bytes_per_step_as_the_unrolled_one(devices8, nest):
+    layers = 6
+    scanned, activation = _stack_collectives(layers, unroll=1, nest=nest)
+    unrolled, _ = _stack_collectives(layers, unroll=True, nest=nest)
+    # Unrolled: one all-reduce per layer in the text. Scanned: one in the (innermost) loop body.
+    assert unrolled.collectives["all-reduce"] == CollectiveStats(layers, layers * activation)
+    assert scanned.collectives["all-reduce"] == CollectiveStats(layers, layers * activation,
+                                                                static_count=1, static_bytes=activation)
+    assert scanned.total_collective_bytes == unrolled.total_collective_bytes == layers * activation
+    assert scanned.total_collective_count == unrolled.total_collective_count == layers
+    assert scanned.unknown_trip_loops == unrolled.unknown_trip_loops == 0
+    # Reading the scanned program's text once per appearance sees one layer's worth.
+    assert sum(s.static_bytes for s in scanned.collectives.values()) * layers == scanned.total_collective_bytes
 
 
 def test_inspect_rejects_what_is_not_compiled(devices8):

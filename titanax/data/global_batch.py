@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from titanax.exceptions import ShardingError, TitanaxError
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
+from titanax.parallel.batch import batch_axes, batch_sharding as parallel_batch_sharding
 
 __all__ = ["DataShard", "batch_sharding", "to_global", "process_data_shard", "global_batch_size"]
 
@@ -65,23 +66,6 @@ def _resolve(mesh: Mesh | None, rules_or_plan: RulesOrPlan) -> tuple[Mesh, Rules
     mesh = resolve_mesh(mesh)
     _, rules = resolve_rules(rules_or_plan, mesh)
     return mesh, rules
-
-
-def _batch_axes(rules: Rules, mesh: Mesh) -> tuple[str, ...]:
-    """The mesh axes the rules split ``batch`` over, before any divisibility fallback.
-
-    Rules.spec drops an axis that does not divide the dimension (a warning, or an error in strict
-    mode). A data batch that silently stops being split would make every device compute the whole
-    batch, so we ask for the axes with a probe size every axis divides (the product of all mesh
-    axis sizes) and check the real batch size against them ourselves, with a ShardingError.
-    """
-    mesh_shape = dict(mesh.shape)
-    probe = math.prod(mesh_shape.values())
-    spec = rules.spec(("batch",), (probe,), mesh_shape, what="the data batch")
-    entry = spec[0]
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _data_shard(
@@ -128,7 +112,7 @@ def _data_shard(
 
 def _layout_uncached(mesh: Mesh, rules_or_plan: RulesOrPlan) -> _BatchLayout:
     mesh, rules = _resolve(mesh, rules_or_plan)
-    axes = _batch_axes(rules, mesh)
+    axes = batch_axes(rules, mesh.shape)
     shard = _data_shard(mesh, axes, lambda d: d.process_index, jax.process_index())
     return _BatchLayout(mesh, rules, axes, math.prod(mesh.shape[a] for a in axes), shard)
 
@@ -235,9 +219,7 @@ def batch_sharding(mesh: Mesh, rules_or_plan: RulesOrPlan, shape: tuple[int, ...
     if not shape:
         return NamedSharding(layout.mesh, PartitionSpec())
     _check_divisible(shape[0], layout)
-    spec = layout.rules.spec(("batch",), shape, dict(layout.mesh.shape),
-                             what=f"data batch of shape {shape}")
-    return NamedSharding(layout.mesh, spec)
+    return parallel_batch_sharding(layout.mesh, layout.rules, shape, what=f"data batch of shape {shape}")
 
 
 def _leaf_name(path: tuple) -> str:

@@ -17,7 +17,7 @@ from titanax.exec.precision import LossScale, Precision, scale_cotangent
 from titanax.optim import as_optimizer
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel
-from titanax.parallel.sharding import path_string, place
+from titanax.parallel.sharding import abstract, path_string
 
 __all__ = ["TrainState", "all_finite", "create_train_state"]
 
@@ -180,28 +180,77 @@ def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def opt_state_shardings(abstract_opt_state: Any, params: Any, param_shardings: Any,
-                        mesh: Mesh) -> Any:
-    """Shardings for an optimizer state: a slot shaped like a parameter, at a path ending in that
-    parameter's path, gets the parameter's sharding; everything else (step counts) is replicated.
+def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state: Any,
+                        abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for an optimizer state, derived from the parameters' layout.
 
-    Matching by path suffix works for any optax state (chains, ``MultiSteps``, masks) without
-    knowing its classes.
+    Each slot that stands for a parameter (Adam's moments, momentum, Adafactor's factored
+    statistics) is found structurally by ``optax.tree_map_params`` — exact for chains, wrappers,
+    schedules and scan-stacked layers, whatever the state's classes. A slot shaped like its
+    parameter gets the parameter's sharding; a factored slot (the parameter's shape with
+    dimensions removed) keeps the spec of the dimensions it kept; any other slot, and every
+    non-parameter leaf (step counts), is replicated. Optimizers whose ``init`` treats parameters
+    leaf by leaf (``optax.masked``, ``optax.multi_transform``) cannot be traced that way: their
+    slots are matched by the parameter path they sit under.
+
+    Args:
+      optimizer: the optax transformation whose state this is.
+      abstract_opt_state: ``jax.eval_shape(optimizer.init, abstract_params)``.
+      abstract_params: the parameters (arrays or shapes).
+      param_shardings: the parameters' shardings, shaped like ``abstract_params``.
+      mesh: the mesh.
+
+    Returns:
+      A tree of ``NamedSharding``s shaped like ``abstract_opt_state``.
     """
+    replicated = _replicated(mesh)
+
+    def for_slot(slot: Any, param: Any, sharding: NamedSharding) -> NamedSharding:
+        return _slot_sharding(tuple(slot.shape), tuple(param.shape), sharding, replicated)
+
+    try:
+        return optax.tree_map_params(optimizer, for_slot, abstract_opt_state, abstract_params,
+                                     param_shardings, transform_non_params=lambda _: replicated)
+    except (ValueError, TypeError, AttributeError):
+        pass  # an init that maps over the parameters leaf by leaf: match by path below
     by_path = {}
-    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                                       jax.tree.leaves(param_shardings)):
         by_path[path_string(path)] = (tuple(leaf.shape), sharding)
 
     def pick(path: tuple, leaf: Any) -> NamedSharding:
         parts = path_string(path).split("/")
-        for start in range(len(parts)):  # longest matching suffix first
+        for start in range(len(parts)):  # the longest matching path suffix is the parameter
             match = by_path.get("/".join(parts[start:]))
-            if match is not None and match[0] == tuple(leaf.shape):
-                return match[1]
-        return _replicated(mesh)
+            if match is not None:
+                return _slot_sharding(tuple(leaf.shape), match[0], match[1], replicated)
+        return replicated
 
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def _slot_sharding(slot_shape: tuple, param_shape: tuple, sharding: NamedSharding,
+                   replicated: NamedSharding) -> NamedSharding:
+    if slot_shape == param_shape:
+        return sharding
+    kept = _kept_dims(slot_shape, param_shape)
+    if kept is None or not slot_shape:
+        return replicated
+    spec = tuple(sharding.spec) + (None,) * (len(param_shape) - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*(spec[i] for i in kept)))
+
+
+def _kept_dims(slot_shape: tuple, param_shape: tuple) -> tuple[int, ...] | None:
+    """The parameter dimensions a factored slot kept (its shape is theirs, in order), if any."""
+    kept, i = [], 0
+    for size in slot_shape:
+        while i < len(param_shape) and param_shape[i] != size:
+            i += 1
+        if i == len(param_shape):
+            return None
+        kept.append(i)
+        i += 1
+    return tuple(kept)
 
 
 def create_train_state(
@@ -214,6 +263,12 @@ def create_train_state(
 ) -> TrainState:
     """A :class:`TrainState` for a sharded model, every array created directly sharded.
 
+    Every sharding comes from the model's layout: parameters and model state as laid out,
+    optimizer slots derived from their parameters (:func:`opt_state_shardings`), scalars
+    replicated. For an abstract model (``tx.shard(..., abstract=True)``) nothing is allocated: the
+    state's arrays are ``jax.ShapeDtypeStruct``s with those shardings, which a step function can
+    lower (``train_step.lower(state, batch)``) to read memory and communication at any scale.
+
     Args:
       model: what :func:`tx.shard` returned.
       optimizer: any optax ``GradientTransformation`` (e.g. ``tx.optim.adamw(3e-4)``).
@@ -224,6 +279,11 @@ def create_train_state(
     Returns:
       The state: parameters cast to the master dtype, optimizer slots with their parameter's
       sharding, scalars replicated.
+
+    Example:
+      >>> sm = tx.shard(make_model, plan, mesh, abstract=True)               # doctest: +SKIP
+      >>> state = tx.create_train_state(sm, tx.optim.adamw(3e-4))
+      >>> stats = tx.profiling.inspect(train_step.lower(state, batch_shapes))
     """
     precision = precision or Precision()
     optimizer = as_optimizer(optimizer)
@@ -231,25 +291,24 @@ def create_train_state(
     if accumulate_steps is None:
         dp = model.plan.data_parallel if model.plan is not None else None
         accumulate_steps = dp.accumulate_steps if dp is not None else 1
-    param_shardings = model.param_shardings
-    params = jax.jit(precision.cast_to_params, out_shardings=param_shardings)(model.params)
-    abstract = jax.eval_shape(optimizer.init, params)
-    opt_shardings = opt_state_shardings(abstract, params, param_shardings, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
-    replicated = _replicated(mesh)
-    loss_scale = precision.initial_loss_scale()
-    step, skipped, key, loss_scale = place(
-        (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), key, loss_scale), replicated)
+
+    def build(params: Any, model_state: Any, key: jax.Array) -> dict[str, Any]:
+        params = precision.cast_to_params(params)
+        return {"step": jnp.zeros((), jnp.int32), "skipped_steps": jnp.zeros((), jnp.int32),
+                "params": params, "opt_state": optimizer.init(params), "rng": key,
+                "model_state": model_state, "loss_scale": precision.initial_loss_scale()}
+
+    shapes = jax.eval_shape(build, model.params, model.model_state, key)
+    shardings = _state_shardings(shapes, model, optimizer, mesh)
+    if model.abstract:
+        arrays = abstract(shapes, shardings)
+    else:
+        # One program, each output created in its final layout; model state passes through as is.
+        arrays = jax.jit(build, out_shardings=shardings)(model.params, model.model_state, key)
     return TrainState(
-        step=step,
-        params=params,
-        opt_state=opt_state,
-        rng=key,
-        model_state=model.model_state,
-        loss_scale=loss_scale,
+        **arrays,
         grad_accum=None,
-        skipped_steps=skipped,
         apply_fn=model.apply_with_state,
         optimizer=optimizer,
         precision=precision,
@@ -257,3 +316,19 @@ def create_train_state(
         rules=model.rules,
         accumulate_steps=accumulate_steps,
     )
+
+
+def _state_shardings(shapes: dict[str, Any], model: ShardedModel, optimizer: optax.GradientTransformation,
+                     mesh: Mesh) -> dict[str, Any]:
+    replicated = _replicated(mesh)
+    param_shardings = model.param_shardings
+    return {
+        "step": replicated,
+        "skipped_steps": replicated,
+        "params": param_shardings,
+        "opt_state": opt_state_shardings(optimizer, shapes["opt_state"], shapes["params"],
+                                         param_shardings, mesh),
+        "rng": replicated,
+        "model_state": model.model_state_shardings,
+        "loss_scale": jax.tree.map(lambda _: replicated, shapes["loss_scale"]),
+    }

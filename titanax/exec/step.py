@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from titanax.exceptions import CollectiveError, ShardingError, TitanaxError
+from titanax.parallel.batch import batch_axes, batch_sharding
 from titanax.parallel.manual import as_varying, varying_axes
 from titanax.parallel.sharding import path_string
 from titanax.exec.state import TrainState
@@ -27,15 +28,7 @@ StepBody = Callable[[TrainState, Any], tuple[TrainState, Mapping[str, jax.Array]
 
 def batch_shardings(state: TrainState, batch: Any) -> Any:
     """Shardings for a batch: every leaf split on its leading (``batch``) dimension."""
-    mesh_shape = dict(state.mesh.shape)
-
-    def one(x: Any) -> NamedSharding:
-        shape = np.shape(x)
-        names = ("batch",) if shape else ()
-        return NamedSharding(state.mesh, state.rules.spec(names, shape, mesh_shape,
-                                                          what=f"batch leaf of shape {shape}"))
-
-    return jax.tree.map(one, batch)
+    return jax.tree.map(lambda x: batch_sharding(state.mesh, state.rules, np.shape(x)), batch)
 
 
 def _split_microbatches(batch: Any, k: int) -> Any:
@@ -56,8 +49,7 @@ def _split_microbatches(batch: Any, k: int) -> Any:
 
 
 def _batch_axes(state: TrainState) -> tuple[str, ...]:
-    (entry,) = state.rules.resolve(("batch",), (state.mesh.size,), dict(state.mesh.shape))
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return batch_axes(state.rules, state.mesh.shape)
 
 
 def _check_metrics_reduced(metrics: Mapping[str, jax.Array], axes: tuple[str, ...]) -> None:

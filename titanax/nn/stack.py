@@ -7,8 +7,10 @@ from typing import Any
 
 import jax
 from flax import nnx
+from flax.nnx import spmd
 
 from titanax.exceptions import PlanError, TitanaxError
+from titanax.nn.remat import check_policy, remat
 from titanax.parallel.pipeline import ActivePipeline, current_pipeline, pipeline_forward
 from titanax.parallel.pipeline_explicit import StackCaptured, current_stack_mode
 
@@ -25,33 +27,44 @@ class LayerStack(nnx.Module):
     over that axis: compile time does not grow with depth. The block maps an activation to an
     activation of the same shape (``x -> block(x)``).
 
+    ``remat`` decides what each layer keeps for the backward pass: the scan body (one layer) runs
+    under ``jax.checkpoint`` with that policy, so ``"full"`` keeps only each layer's input and
+    recomputes the rest of the layer when its gradient is needed. Under a pipeline plan the same
+    per-layer policy applies inside each stage, and ``tx.PP(remat=)`` wraps the whole stage on top
+    of it; the two compose.
+
     Args:
       make_block: builds one block from an ``nnx.Rngs`` (``lambda rngs: Block(cfg, rngs=rngs)``);
-        called once under ``nnx.vmap``, so every layer gets its own initialization.
+        traced once and run once per layer with that layer's keys, so every layer gets its own
+        initialization.
       num_layers: how many blocks.
       rngs: the random streams; split once per layer.
       unroll: layers per iteration of the scan (``True``: all of them, i.e. no loop); unrolling
         trades compile time for scheduling freedom across layers.
+      remat: what each layer keeps for the backward pass, a key of
+        ``tx.nn.REMAT_POLICIES``: ``none`` (everything), ``full`` (only the layer's
+        input), ``save_dots``, ``save_dots_no_batch``, ``offload`` (GPU/TPU).
+
+    Raises:
+      TitanaxError: ``num_layers`` is not a positive integer.
+      PlanError: ``remat`` is not a policy name (the error lists them).
 
     Example:
-      >>> stack = tx.nn.LayerStack(lambda rngs: Block(cfg, rngs=rngs), 12, rngs=nnx.Rngs(0))  # doctest: +SKIP
+      >>> stack = tx.nn.LayerStack(lambda rngs: Block(cfg, rngs=rngs), 12, rngs=nnx.Rngs(0),  # doctest: +SKIP
+      ...                          remat="full")
       >>> y_BTD = stack(x_BTD)
     """
 
     def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
-                 rngs: nnx.Rngs, unroll: int | bool = 1) -> None:
+                 rngs: nnx.Rngs, unroll: int | bool = 1, remat: str = "none") -> None:
         if not isinstance(num_layers, int) or num_layers < 1:
             raise TitanaxError(f"LayerStack(num_layers={num_layers!r}) must be a positive integer",
                                suggestion="pass the number of blocks, e.g. LayerStack(make_block, 12, rngs=rngs)")
         self.num_layers = num_layers
         self.unroll = unroll
+        self.remat = check_policy(remat, "LayerStack(remat=...)")
 
-        @nnx.split_rngs(splits=num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
-        def create(layer_rngs: nnx.Rngs) -> nnx.Module:
-            return make_block(layer_rngs)
-
-        self.layer = create(rngs)
+        self.layer = _create_layers(make_block, num_layers, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         mode = current_stack_mode()
@@ -70,12 +83,13 @@ class LayerStack(nnx.Module):
             return block(carry), nnx.state(block)
 
         with jax.named_scope(f"{type(self.layer).__name__}_stack"):
-            y, new_state = jax.lax.scan(layer, x, state, unroll=self.unroll)
+            y, new_state = jax.lax.scan(remat(layer, self.remat), x, state, unroll=self.unroll)
         nnx.update(self.layer, new_state)
         return y
 
     def _stage(self) -> tuple[Any, Callable[[Any, jax.Array], jax.Array]]:
-        """The stack's parameters and ``(chunk, x) -> y`` running a chunk of its layers in order."""
+        """The stack's parameters and ``(chunk, x) -> y`` running a chunk of its layers in order,
+        each layer under the stack's remat policy (the pipeline's own policy wraps the chunk)."""
         graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)
         if jax.tree.leaves(rest):
             names = sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=lambda v: isinstance(v, nnx.Variable))})
@@ -88,7 +102,7 @@ class LayerStack(nnx.Module):
             return nnx.merge(graphdef, layer_params, rest)(carry), None
 
         def stage(chunk: Any, h: jax.Array) -> jax.Array:
-            return jax.lax.scan(layer, h, chunk, unroll=self.unroll)[0]
+            return jax.lax.scan(remat(layer, self.remat), h, chunk, unroll=self.unroll)[0]
 
         return params, stage
 
@@ -102,3 +116,26 @@ class LayerStack(nnx.Module):
         params, stage = self._stage()
         with jax.named_scope(f"{type(self.layer).__name__}_pipeline"):
             return pipeline_forward(stage, params, x, self.num_layers, active)
+
+
+def _create_layers(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``num_layers`` blocks stacked on a leading ``layers`` axis, created one layer at a time.
+
+    The values are those of ``nnx.vmap`` over the split keys (the same keys, drawn per layer); a
+    loop instead of a batch keeps initialization's temporaries to one layer's worth: drawn all at
+    once, a device would hold random bits for every layer of the stack, several times its shard
+    of the output, before keeping its shard.
+    """
+    graphdefs: list[Any] = []
+    with nnx.split_rngs(rngs, splits=num_layers):
+        rngs_graphdef, layer_keys = nnx.split(rngs)
+
+        def one(keys: Any) -> Any:
+            graphdef, state = nnx.split(make_block(nnx.merge(rngs_graphdef, keys)))
+            graphdefs.append(graphdef)
+            return state
+
+        stacked = jax.lax.map(one, layer_keys)
+
+    # As nnx.vmap(transform_metadata=...) does: each variable's logical names gain ``layers``.
+    return nnx.merge(graphdefs[0], spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: LAYERS}))

@@ -16,7 +16,7 @@ from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel
 from titanax.parallel.annotations import tree_leaves, unboxed_structure
-from titanax.parallel.sharding import Leaf, layout_tree, path_string, place
+from titanax.parallel.sharding import Leaf, abstract as abstract_like, layout_tree, path_string, place
 from titanax.parallel.tracing import tracing_context
 
 __all__ = ["LinenShardedModel", "shard_linen"]
@@ -75,6 +75,10 @@ class LinenShardedModel(ShardedModel):
     def model_state(self) -> dict[str, Any]:
         return {k: v for k, v in self.variables.items() if k != "params"}
 
+    @property
+    def model_state_shardings(self) -> dict[str, Any]:
+        return {k: v for k, v in self._shardings.items() if k != "params"}
+
     def apply_with_state(self, params: Any, model_state: Any, *args: Any, mutable: Any = False,
                          **kwargs: Any) -> Any:
         """``module.apply`` over ``{**model_state, "params": params}``.
@@ -106,6 +110,7 @@ def shard_linen(
     rng: Any,
     params: Any,
     example_kwargs: dict[str, Any],
+    abstract: bool = False,
 ) -> LinenShardedModel:
     if plan is not None and plan.pipeline_parallel is not None:
         raise PlanError(
@@ -122,24 +127,26 @@ def shard_linen(
     example_args = example if isinstance(example, tuple) else (example,)
     init = functools.partial(module.init, **example_kwargs)
     with tracing_context(rules, mesh):
-        abstract = jax.eval_shape(init, _key(rng), *example_args) if example is not None else None
+        declared = jax.eval_shape(init, _key(rng), *example_args) if example is not None else None
     given = _as_variables(params) if params is not None else None
     if given is not None:
         leaves, treedef = _leaves(given)
-        if abstract is not None:
-            leaves = _annotate_from(leaves, treedef, abstract)
+        if declared is not None:
+            leaves = _annotate_from(leaves, treedef, declared)
     else:
-        leaves, treedef = _leaves(abstract)
+        leaves, treedef = _leaves(declared)
     layout = layout_tree(leaves, rules, mesh)
     shardings = jax.tree.unflatten(treedef, layout.shardings)
-    if given is not None:
+    if abstract:
+        variables = abstract_like(nn.unbox(given if given is not None else declared), shardings)
+    elif given is not None:
         variables = place(nn.unbox(given), shardings)
     else:
         with tracing_context(rules, mesh):
             variables = jax.jit(lambda key, *a: nn.unbox(init(key, *a)), out_shardings=shardings)(
                 _key(rng), *example_args)
     return LinenShardedModel(variables=variables, shardings=shardings, module=module, mesh=mesh,
-                             plan=plan, rules=rules, layout=layout)
+                             plan=plan, rules=rules, layout=layout, abstract=abstract)
 
 
 def _annotate_from(leaves: list[Leaf], treedef: Any, abstract: Any) -> list[Leaf]:

@@ -17,7 +17,7 @@ from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel
 from titanax.parallel.annotations import tree_leaves
-from titanax.parallel.sharding import layout_tree, path_string, place
+from titanax.parallel.sharding import abstract as abstract_like, layout_tree, path_string, place
 from titanax.parallel.tracing import tracing_context
 
 __all__ = ["NNXShardedModel", "shard_nnx"]
@@ -71,6 +71,10 @@ class NNXShardedModel(ShardedModel):
     @property
     def model_state(self) -> nnx.State:
         return nnx.state(self._module, nnx.Not(nnx.Param))
+
+    @property
+    def model_state_shardings(self) -> nnx.State:
+        return nnx.split_state(self._state_shardings, nnx.Param, ...)[1]
 
     def apply_with_state(self, params: nnx.State, model_state: nnx.State, *args: Any,
                          mutable: bool = False, **kwargs: Any) -> Any:
@@ -149,16 +153,16 @@ def _changed_paths(before: nnx.State, after: nnx.State) -> list[str]:
 
 
 def shard_nnx(model: Any, plan: Plan | None, rules: Rules, mesh: Mesh, *, rng: Any,
-              params: Any) -> NNXShardedModel:
+              params: Any, abstract: bool = False) -> NNXShardedModel:
     built = isinstance(model, nnx.Module)
     with tracing_context(rules, mesh):
-        abstract = model if built else nnx.eval_shape(lambda: _call_factory(model, rng))
+        shapes = model if built else nnx.eval_shape(lambda: _call_factory(model, rng))
     if plan is not None and plan.pipeline_parallel is not None:
         from titanax.parallel.pipeline import check_pipelined_model
 
-        check_pipelined_model(abstract, plan.pipeline_parallel)
-    graphdef, state = nnx.split(abstract)
-    if built and any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+        check_pipelined_model(shapes, plan.pipeline_parallel)
+    graphdef, state = nnx.split(shapes)
+    if built and not abstract and any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
         raise ShardingError(
             "tx.shard got an abstract NNX module (from nnx.eval_shape): it has no values to place",
             suggestion="pass the function that builds the module instead, e.g. "
@@ -173,7 +177,10 @@ def shard_nnx(model: Any, plan: Plan | None, rules: Rules, mesh: Mesh, *, rng: A
             suggestion="NNX variables must each hold one array",
         )
     state_shardings = jax.tree.unflatten(treedef, layout.shardings)
-    if built:
+    if abstract:
+        # Shapes only (params= would give the same ones); a built module given here is left as it is.
+        module = nnx.merge(graphdef, abstract_like(state, state_shardings))
+    elif built:
         module = model
         if params is not None:
             nnx.update(module, params)
@@ -189,4 +196,4 @@ def shard_nnx(model: Any, plan: Plan | None, rules: Rules, mesh: Mesh, *, rng: A
             created = jax.jit(create, out_shardings=state_shardings)()
         module = nnx.merge(graphdef, created)
     return NNXShardedModel(graphdef=graphdef, state_shardings=state_shardings, module=module,
-                           mesh=mesh, plan=plan, rules=rules, layout=layout)
+                           mesh=mesh, plan=plan, rules=rules, layout=layout, abstract=abstract)

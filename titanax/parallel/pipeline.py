@@ -28,19 +28,10 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from titanax.exceptions import PlanError
+from titanax.nn.remat import remat
 from titanax.parallel.manual import as_varying
 
-__all__ = ["REMAT_POLICIES", "current_pipeline", "pipeline_context", "pipeline_forward", "remat"]
-
-REMAT_POLICIES: dict[str, Any] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-"""Rematerialisation of a stage's body in the backward pass: ``none`` keeps every intermediate,
-``full`` keeps only the stage input and recomputes the rest, ``save_dots`` keeps matmul outputs,
-``save_dots_no_batch`` keeps matmul outputs without a batch dimension (weights-like)."""
+__all__ = ["current_pipeline", "pipeline_context", "pipeline_forward"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +90,6 @@ def check_pipelined_model(module: Any, pp: Any) -> None:
             f"{pp.repeats} repeats ({chunks} equal chunks)",
             suggestion=f"use a layer count that is a multiple of {chunks}, or change PP(stages=, repeats=)",
         )
-
-
-def remat(fn: Callable[..., Any], policy: str) -> Callable[..., Any]:
-    """``fn`` under the named remat policy (see :data:`REMAT_POLICIES`)."""
-    if policy not in REMAT_POLICIES:
-        raise PlanError(f"unknown remat policy {policy!r}", suggestion=f"use one of {', '.join(REMAT_POLICIES)}")
-    if policy == "none":
-        return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 
 def split_layers(stacked: Any, num_layers: int, stages: int, repeats: int) -> Any:

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax.exceptions import MeshError, PlanError, ShardingError, TitanaxWarning
+from titanax.parallel.batch import batch_axes, batch_sharding
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.sharding import Layout, layout_tree
@@ -84,7 +85,7 @@ def resolve_rules(plan_or_rules: PlanOrRules, mesh: Mesh) -> tuple[Plan | None, 
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) and not isinstance(x, bool)
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)) and not isinstance(x, bool)
 
 
 def _hashable(value: Any) -> Any:
@@ -107,13 +108,17 @@ class ShardedModel(abc.ABC):
       plan: the plan it was sharded by (``None`` when bare rules were given).
       rules: the rules every layout decision came from.
       layout: per-array :class:`~titanax.parallel.sharding.Layout` (path, spec, bytes).
+      abstract: the arrays are ``jax.ShapeDtypeStruct``s carrying their shardings, nothing is
+        allocated (``tx.shard(..., abstract=True)``): lower, inspect and describe, but not run.
     """
 
-    def __init__(self, *, module: Any, mesh: Mesh, plan: Plan | None, rules: Rules, layout: Layout):
+    def __init__(self, *, module: Any, mesh: Mesh, plan: Plan | None, rules: Rules, layout: Layout,
+                 abstract: bool = False):
         self.mesh = mesh
         self.plan = plan
         self.rules = rules
         self.layout = layout
+        self.abstract = abstract
         self._module = module
         self._forwards: dict[Any, Callable[..., Any]] = {}
         self._axis_names: set[str] = set()  # pmap-style names the model's collectives use
@@ -140,6 +145,11 @@ class ShardedModel(abc.ABC):
     @abc.abstractmethod
     def model_state(self) -> Any:
         """Non-parameter state: Linen collections other than ``params``, or NNX's other variables."""
+
+    @property
+    @abc.abstractmethod
+    def model_state_shardings(self) -> Any:
+        """A tree like :attr:`model_state` whose leaves are their ``NamedSharding``s."""
 
     @abc.abstractmethod
     def apply_with_state(self, params: Any, model_state: Any, *args: Any, mutable: Any = False,
@@ -195,13 +205,17 @@ class ShardedModel(abc.ABC):
     def batch_sharding(self, x: Any) -> NamedSharding:
         """The sharding of an input whose leading dimension is the batch."""
         shape = np.shape(x)
-        names = ("batch",) if shape else ()
-        spec = self.rules.spec(names, shape, dict(self.mesh.shape), what=f"input of shape {shape}")
-        return NamedSharding(self.mesh, spec)
+        return batch_sharding(self.mesh, self.rules, shape, what=f"input of shape {shape}")
 
     def shard_batch(self, batch: Any) -> Any:
-        """Place every array of ``batch`` on the mesh, split along its leading (batch) dimension."""
-        return jax.tree.map(lambda x: jax.device_put(x, self.batch_sharding(x)), batch)
+        """Place every array of ``batch`` on the mesh, split along its leading (batch) dimension
+        (a ``jax.ShapeDtypeStruct`` gets the sharding instead)."""
+        def place_one(x: Any) -> Any:
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding(x))
+            return jax.device_put(x, self.batch_sharding(x))
+
+        return jax.tree.map(place_one, batch)
 
     def tracing(self) -> contextlib.AbstractContextManager[None]:
         """The context to trace model code in (rules, mesh, Flax logical rules)."""
@@ -235,7 +249,7 @@ class ShardedModel(abc.ABC):
         """A mesh axis with several devices that splits no parameter, no activation and not the
         batch makes its devices compute the same thing."""
         mesh_shape = dict(self.mesh.shape)
-        used = set(constrained) | set(_batch_axes(self.rules, mesh_shape))
+        used = set(constrained) | set(batch_axes(self.rules, mesh_shape))
         for entry in self.layout:
             used |= _spec_axes(entry.spec)
         model_names = sorted({n for e in self.layout if e.names for n in e.names
@@ -269,6 +283,13 @@ class ShardedModel(abc.ABC):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Jitted forward. Positional arrays are split on ``batch`` along their first dimension;
         keyword arrays (masks, PRNG keys) are passed as they are; other values are static."""
+        if self.abstract:
+            raise ShardingError(
+                f"this {type(self._module).__name__} was sharded abstract (tx.shard(..., abstract=True)): "
+                "its arrays are shapes and shardings, with no values to compute with",
+                suggestion="lower it instead (sm.lower(jax.ShapeDtypeStruct(shape, dtype))) and inspect "
+                "it with tx.profiling.inspect, or shard without abstract=True to run it",
+            )
         forward, call_args = self._prepare(args, kwargs)
         out, new_state = forward(*call_args)
         self._store(new_state)
@@ -281,7 +302,7 @@ class ShardedModel(abc.ABC):
           >>> stats = tx.profiling.inspect(sm.lower(x))   # per-device bytes, FLOPs, collectives
         """
         forward, call_args = self._prepare(args, kwargs)
-        return forward.lower(*call_args)
+        return forward.lower(*call_args)  # inputs may be jax.ShapeDtypeStructs
 
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[Any, tuple]:
         dynamic_pos = tuple(i for i, a in enumerate(args) if _all_arrays(a))
@@ -321,8 +342,9 @@ class ShardedModel(abc.ABC):
 
     def __repr__(self) -> str:
         mesh = ", ".join(f"{a}={s}" for a, s in self.mesh.shape.items())
+        kind = ", abstract" if self.abstract else ""
         return (f"{type(self).__name__}({type(self._module).__name__}, mesh=({mesh}), "
-                f"{len(self.layout)} arrays, {self.layout.bytes_per_device()} param bytes/device)")
+                f"{len(self.layout)} arrays, {self.layout.bytes_per_device()} param bytes/device{kind})")
 
 
 def _target_axes(target: Any) -> tuple[str, ...]:
@@ -331,19 +353,6 @@ def _target_axes(target: Any) -> tuple[str, ...]:
 
 def _spec_axes(spec: PartitionSpec) -> set[str]:
     return {a for entry in spec for a in _target_axes(entry)}
-
-
-def _batch_axes(rules: Rules, mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
-    """The mesh axes the first usable ``batch`` rule splits inputs over (none if no rule does)."""
-    for name, target in rules.rules:
-        if name != "batch":
-            continue
-        if target is None:
-            return ()
-        axes = tuple(a for a in _target_axes(target) if mesh_shape.get(a, 1) > 1)
-        if axes:
-            return axes
-    return ()
 
 
 def tree_layout(tree: Any, plan_or_rules: PlanOrRules, mesh: Mesh | None = None) -> Layout:
@@ -397,11 +406,14 @@ def shard(
     params: Any = None,
     *,
     example_kwargs: Mapping[str, Any] | None = None,
+    abstract: bool = False,
 ) -> ShardedModel:
     """Lay a Flax model out on a mesh.
 
     Parameters are created directly sharded (``jax.jit`` with ``out_shardings`` over the abstract
-    shapes), never whole on one device, unless you hand over existing ones.
+    shapes), never whole on one device, unless you hand over existing ones. With ``abstract=True``
+    nothing is created: every array is a ``jax.ShapeDtypeStruct`` carrying its final sharding, so
+    a model of any size can be laid out, described and lowered on one CPU.
 
     Args:
       model: a Linen module; an NNX module (its state is resharded in place); or a function
@@ -414,6 +426,8 @@ def shard(
       params: existing parameters to place instead of initializing (Linen: the ``params``
         collection or the full variables dict; NNX: a state to load into the module).
       example_kwargs: Linen only: keyword arguments for ``init`` (``train=False``, masks).
+      abstract: allocate nothing (see above); ``tx.create_train_state`` / ``Engine.init`` of an
+        abstract model give an abstract state, which a step function can lower.
 
     Returns:
       A :class:`ShardedModel`.
@@ -426,14 +440,18 @@ def shard(
       >>> mesh = tx.MeshSpec(axes=("data",)).build()                       # doctest: +SKIP
       >>> sm = tx.shard(nn.Dense(16), tx.Plan(data_parallel=tx.DP()), mesh, example=x)
       >>> print(sm.describe())
+      >>> big = tx.shard(lambda rngs: GPT(cfg_70b, rngs=rngs), plan, mesh, abstract=True)
     """
+    if not isinstance(abstract, bool):
+        raise ShardingError(f"abstract={abstract!r} must be True or False",
+                            suggestion="pass abstract=True to allocate nothing")
     mesh = resolve_mesh(mesh)
     plan, rules = resolve_rules(plan_or_rules, mesh)
     if isinstance(model, nn.Module):
         from titanax.parallel.flax_linen import shard_linen
 
         return shard_linen(model, plan, rules, mesh, example=example, rng=rng, params=params,
-                           example_kwargs=dict(example_kwargs or {}))
+                           example_kwargs=dict(example_kwargs or {}), abstract=abstract)
     if isinstance(model, nnx.Module) or callable(model):
         if example is not None or example_kwargs:
             raise ShardingError(
@@ -442,7 +460,7 @@ def shard(
             )
         from titanax.parallel.flax_nnx import shard_nnx
 
-        return shard_nnx(model, plan, rules, mesh, rng=rng, params=params)
+        return shard_nnx(model, plan, rules, mesh, rng=rng, params=params, abstract=abstract)
     raise ShardingError(
         f"tx.shard got a {type(model).__name__}, not a Flax model",
         suggestion="pass a flax.linen.Module, a flax.nnx.Module, or a function that builds an NNX module",

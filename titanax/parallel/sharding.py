@@ -21,7 +21,7 @@ from titanax.exceptions import ShardingError, TitanaxWarning
 from titanax.parallel.rules import Dropped, LogicalNames, Rules, divisible_axes, pad_names, warn_dropped
 from titanax.profiling.units import human_bytes
 
-__all__ = ["Leaf", "ParamLayout", "Layout", "layout_tree", "path_string", "place"]
+__all__ = ["Leaf", "ParamLayout", "Layout", "abstract", "layout_tree", "path_string", "place"]
 
 
 def place(tree: Any, shardings: Any) -> Any:
@@ -41,6 +41,22 @@ def place(tree: Any, shardings: Any) -> Any:
     if all(s.is_fully_addressable for s in leaves):
         return jax.device_put(tree, shardings)
     return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    """``tree``'s arrays (or shapes) as ``jax.ShapeDtypeStruct``s carrying ``shardings``: what
+    ``jax.jit(...).lower`` takes to compile for a layout without allocating it.
+
+    Args:
+      tree: arrays or anything with ``shape`` and ``dtype``.
+      shardings: a sharding, or a matching tree of them.
+
+    Returns:
+      ``tree`` with every leaf a ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def path_string(path: Sequence[Any]) -> str:

@@ -4,7 +4,8 @@ Everything here is read from the compiled executable, never estimated from the P
 
 * memory from ``Compiled.memory_analysis()`` (XLA's buffer assignment),
 * FLOPs and bytes accessed from ``Compiled.cost_analysis()`` (XLA's HLO cost model),
-* collectives by parsing the optimized, SPMD-partitioned HLO text (``Compiled.as_text()``).
+* collectives by parsing the optimized, SPMD-partitioned HLO text (``Compiled.as_text()``):
+  counts and bytes per run of the program (one step), a loop body counted once per trip.
 
 All figures are **per device**: after SPMD partitioning every device runs the same program on its
 shard, and that one program is what XLA reports on.
@@ -75,31 +76,69 @@ _INSTR_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%?[A-Za-z_][\w.\-]*\s*=\s*")
 _OPCODE = re.compile(r"\s*([a-z][a-z0-9\-]*)\(")
 _KIND_ALTERNATION = "|".join(sorted(COLLECTIVE_KINDS, key=len, reverse=True))
 _OPCODE_PARTS = re.compile(rf"^(?P<kind>{_KIND_ALTERNATION})(?P<suffix>-start|-done)?$")
-_MODULE_HEADER = re.compile(r"^\s*HloModule\s+([^\s,]+)(?P<rest>.*)$", re.M)
+_MODULE_HEADER = re.compile(r"^\s*HloModule\s+([^\s,]+)(?P<rest>.*)$", re.MULTILINE)
 _NUM_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+
+
+# Computation header: `[ENTRY] [%]name (params) -> shape {` (optimized text) or `name {` (lowered).
+_COMPUTATION_HEAD = re.compile(r"^(ENTRY\s+)?%?([^\s({]+)")
+# Attributes naming called computations: `calls=%f`, `body=%b`, `branch_computations={%a, %b}`, ...
+_CALLEE_ATTRS: tuple[str, ...] = (
+    "calls", "to_apply", "body", "condition", "branch_computations", "true_computation",
+    "false_computation", "called_computations",
+)
+_CALLEE_VALUE = re.compile(r"\{[^}]*\}|%?[\w.\-]+")
+_CALLEE_NAME = re.compile(r"%?([\w.\-]+)")
+# XLA's while-loop analysis writes the trip count it proved into the while's backend_config:
+# `backend_config={..."known_trip_count":{"n":"80"}}` (CPU and GPU).
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+_KIND_INDEX = {kind: i for i, kind in enumerate(COLLECTIVE_KINDS)}
+_NKINDS = len(COLLECTIVE_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
 class CollectiveStats:
     """How many collectives of one kind a program runs, and how much data they produce.
 
+    ``count`` and ``bytes`` are **per execution of the program** (one training step, for a step
+    function): an op inside a ``while`` loop (a ``lax.scan`` / ``fori_loop``) counts once per
+    trip, nested loops multiply, so a scanned 80-layer stack's per-layer all-gather counts 80
+    times. ``static_count`` and ``static_bytes`` count each op once per appearance in the HLO
+    text, wherever it sits. The two agree for a program without loops. See
+    :func:`count_collectives` for how loops of unknown length and conditionals are counted.
+
     Attributes:
-      count: number of collective instructions of this kind in the HLO text (an async
+      count: collectives of this kind executed per run of the program on one device (an async
         ``-start``/``-done`` pair counts once).
-      bytes: sum of their result sizes on one device (tuple results summed).
+      bytes: sum of their result sizes on one device over one run (tuple results summed).
+      static_count: collective instructions of this kind in the HLO text (each once); defaults
+        to ``count``.
+      static_bytes: sum of those instructions' result sizes, each once; defaults to ``bytes``.
 
     Example:
       >>> CollectiveStats(count=2, bytes=4096)
-      CollectiveStats(count=2, bytes=4096)
+      CollectiveStats(count=2, bytes=4096, static_count=2, static_bytes=4096)
+      >>> CollectiveStats(count=80, bytes=80 * 512, static_count=1, static_bytes=512).bytes
+      40960
     """
 
     count: int = 0
     bytes: int = 0
+    static_count: int = None  # type: ignore[assignment]  # None -> count
+    static_bytes: int = None  # type: ignore[assignment]  # None -> bytes
+
+    def __post_init__(self) -> None:
+        if self.static_count is None:
+            object.__setattr__(self, "static_count", self.count)
+        if self.static_bytes is None:
+            object.__setattr__(self, "static_bytes", self.bytes)
 
     def __add__(self, other: CollectiveStats) -> CollectiveStats:
         if not isinstance(other, CollectiveStats):
             return NotImplemented
-        return CollectiveStats(self.count + other.count, self.bytes + other.bytes)
+        return CollectiveStats(self.count + other.count, self.bytes + other.bytes,
+                               self.static_count + other.static_count,
+                               self.static_bytes + other.static_bytes)
 
 
 def shape_bytes(shape: str) -> int:
@@ -156,8 +195,8 @@ def _split_shape(text: str, pos: int) -> int:
     return n
 
 
-def _parse_collective(line: str) -> tuple[str, str | None, int] | None:
-    """Parses one HLO line; returns (kind, suffix, result bytes) for a collective, else None."""
+def _instruction(line: str) -> tuple[int, int, str] | None:
+    """Parses the head of one HLO instruction line: (shape start, shape end, opcode), else None."""
     head = _INSTR_HEAD.match(line)
     if head is None:
         return None
@@ -166,22 +205,256 @@ def _parse_collective(line: str) -> tuple[str, str | None, int] | None:
     op = _OPCODE.match(line, end)
     if op is None:
         return None
-    parts = _OPCODE_PARTS.match(op.group(1))
+    return start, end, op.group(1)
+
+
+def _parse_collective(line: str) -> tuple[str, str | None, int] | None:
+    """Parses one HLO line; returns (kind, suffix, result bytes) for a collective, else None."""
+    inst = _instruction(line)
+    if inst is None:
+        return None
+    start, end, opcode = inst
+    parts = _OPCODE_PARTS.match(opcode)
     if parts is None:
         return None
     return parts["kind"], parts["suffix"], shape_bytes(line[start:end])
 
 
-def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
-    """Counts the collectives in HLO text and the bytes each kind produces per device.
+class _Computation:
+    """One HLO computation: its own collectives and the computations it calls.
 
-    Reads the text of an optimized (SPMD-partitioned) module, e.g. ``Compiled.as_text()``. Every
-    instruction whose opcode is one of :data:`COLLECTIVE_KINDS` counts once, wherever it appears:
-    in the entry computation, a fusion, a ``while``/``scan`` body or an async wrapper computation.
-    An op inside a loop body is therefore counted **once per appearance in the text, not once per
-    trip**. Async pairs (``all-gather-start``/``all-gather-done``) count once, at the ``-done``,
-    whose result is the collective's output; generic ``async-start``/``async-done`` wrappers are
-    not counted themselves, the collective inside the wrapped computation is.
+    A large module holds tens of thousands of computations, mostly fusions that call nothing:
+    those share one empty tuple instead of allocating lists (see :meth:`edges`)."""
+
+    __slots__ = ("branches", "callees", "calls", "loops", "own")
+
+    def __init__(self) -> None:
+        # counts then bytes per kind, executed once per run of this computation; None if none
+        self.own: list[int] | None = None
+        # run once per run of this computation (fusion, call, custom-call, async wrapper)
+        self.calls: list[str] = _NO_CALLS  # type: ignore[assignment]
+        # (body, condition, trip count or None) per while
+        self.loops: list[tuple[str | None, str | None, int | None]] = _NO_CALLS  # type: ignore[assignment]
+        # one list of branches per conditional: exactly one of them runs
+        self.branches: list[list[str]] = _NO_CALLS  # type: ignore[assignment]
+        self.callees: list[str] = _NO_CALLS  # type: ignore[assignment]  # every name above
+
+    def edges(self) -> _Computation:
+        """Gives this computation lists of its own, before its first call edge is added."""
+        if self.callees is _NO_CALLS:
+            self.calls, self.loops, self.branches, self.callees = [], [], [], []
+        return self
+
+
+_NO_CALLS: tuple[()] = ()
+
+
+def _callees(line: str) -> dict[str, list[str]]:
+    """Attribute -> called computation names, for one instruction line."""
+    out: dict[str, list[str]] = {}
+    for attr in _CALLEE_ATTRS:  # str.find per attribute: far faster than one regex alternation
+        pos = line.find(attr + "=")
+        while pos > 0 and line[pos - 1] not in " ,":  # part of a longer word: look further
+            pos = line.find(attr + "=", pos + 1)
+        if pos <= 0:
+            continue
+        value = _CALLEE_VALUE.match(line, pos + len(attr) + 1)
+        if value is None:
+            continue
+        text = value.group(0)
+        out[attr] = _CALLEE_NAME.findall(text[1:-1]) if text[0] == "{" else [text.lstrip("%")]
+    return out
+
+
+def _add_scaled(acc: list[int], vec: list[int], factor: int) -> None:
+    for i, v in enumerate(vec):
+        if v:
+            acc[i] += factor * v
+
+
+def _weight(vec: list[int] | None) -> tuple[int, int]:
+    """Order of conditional branches: bytes, then count."""
+    if vec is None:
+        return (0, 0)
+    return (sum(vec[_NKINDS:]), sum(vec[:_NKINDS]))
+
+
+def _parse_module(hlo_text: str) -> tuple[dict[str, _Computation], list[int]]:
+    """One pass over the lines: computations with their own collectives and call edges, plus the
+    per-appearance totals (counts then bytes per kind)."""
+    outside = _Computation()  # lines outside any computation (a fragment of a module)
+    comps: dict[str, _Computation] = {"": outside}
+    static = [0] * (2 * _NKINDS)
+    current = outside
+    for line in hlo_text.splitlines():
+        if not line:
+            continue
+        if line[0] not in " \t":  # computation headers and closing braces are not indented
+            if line[0] == "}" and not line[1:].strip():
+                current = outside
+                continue
+            if line.endswith("{"):
+                head = _COMPUTATION_HEAD.match(line)
+                if head is not None and head.group(2) != "HloModule":
+                    name = head.group(2)
+                    current = comps.get(name) or comps.setdefault(name, _Computation())
+                    continue
+        if "all-" in line or "collective-" in line or "reduce-scatter" in line:
+            parsed = _parse_collective(line)
+            if parsed is not None and parsed[1] != "-start":
+                kind, _, nbytes = parsed
+                i = _KIND_INDEX[kind]
+                static[i] += 1
+                static[_NKINDS + i] += nbytes
+                if current.own is None:
+                    current.own = [0] * (2 * _NKINDS)
+                current.own[i] += 1
+                current.own[_NKINDS + i] += nbytes
+        if "calls=" in line or "body=" in line or "to_apply=" in line or "_computation" in line:
+            callees = _callees(line)
+            if not callees:
+                continue
+            current.edges()
+            if "body" in callees:  # only a while has body= (and condition=)
+                trips = _TRIP_COUNT.search(line)
+                body, cond = callees.get("body", [None])[0], callees.get("condition", [None])[0]
+                current.loops.append((body, cond, int(trips.group(1)) if trips else None))
+                current.callees.extend(n for n in (body, cond) if n is not None)
+            elif "branch_computations" in callees or "true_computation" in callees:
+                branch = (callees.get("branch_computations")
+                          or callees.get("true_computation", []) + callees.get("false_computation", []))
+                current.branches.append(branch)
+                current.callees.extend(branch)
+            elif "async-done(" in line or "async-update(" in line:
+                continue  # the wrapped computation runs once, counted at its async-start
+            else:
+                for names in callees.values():
+                    current.calls.extend(names)
+                    current.callees.extend(names)
+    return comps, static
+
+
+def _execution_totals(comps: dict[str, _Computation]) -> tuple[list[int], int]:
+    """Collectives per run of the program (counts then bytes per kind), and the number of while
+    loops of unknown trip count whose body or condition holds a collective.
+
+    Computations are evaluated callees first (an iterative depth-first walk, each computation
+    once, so the work is linear in the number of call edges). The program's roots are the
+    computations nothing calls: the ENTRY, plus any computation whose caller this parser does
+    not recognise (counted once, as before), plus lines outside any computation.
+    """
+    called: set[str] = set()
+    for comp in comps.values():
+        if comp.callees:
+            called.update(comp.callees)
+    totals: dict[str, list[int] | None] = {}
+    visiting: set[str] = set()
+    unknown_loops = 0
+
+    def finish(comp: _Computation) -> list[int] | None:
+        nonlocal unknown_loops
+        acc = list(comp.own) if comp.own is not None else [0] * (2 * _NKINDS)
+        found = comp.own is not None
+        for name in comp.calls:
+            vec = totals.get(name)
+            if vec is not None:
+                _add_scaled(acc, vec, 1)
+                found = True
+        for body, cond, trips in comp.loops:
+            body_vec = totals.get(body) if body is not None else None
+            cond_vec = totals.get(cond) if cond is not None else None
+            if trips is None and any((body_vec or [0])[:_NKINDS] + (cond_vec or [0])[:_NKINDS]):
+                unknown_loops += 1
+            # The condition runs once more than the body; an unknown loop counts each once.
+            if body_vec is not None:
+                _add_scaled(acc, body_vec, 1 if trips is None else trips)
+                found = True
+            if cond_vec is not None:
+                _add_scaled(acc, cond_vec, 1 if trips is None else trips + 1)
+                found = True
+        for branch in comp.branches:
+            heaviest = max((totals.get(name) for name in branch), key=_weight, default=None)
+            if heaviest is not None:
+                _add_scaled(acc, heaviest, 1)
+                found = True
+        return acc if found else None
+
+    result = [0] * (2 * _NKINDS)
+    for root, comp in comps.items():
+        if root in called:
+            continue
+        if not comp.callees:  # most computations: a fusion or a combiner nothing else hangs on
+            if comp.own is not None:
+                _add_scaled(result, comp.own, 1)
+            continue
+        stack: list[tuple[str, bool]] = [(root, False)]
+        while stack:
+            name, done = stack.pop()
+            if done:
+                totals[name] = finish(comps[name])
+                visiting.discard(name)
+                continue
+            if name in totals or name in visiting:
+                continue  # evaluated already, or a call cycle (malformed text)
+            comp = comps.get(name)
+            if comp is None:
+                continue  # named but not in the text
+            if not comp.callees:
+                totals[name] = comp.own
+                continue
+            visiting.add(name)
+            stack.append((name, True))
+            stack.extend((callee, False) for callee in comp.callees if callee not in totals)
+        vec = totals.get(root)
+        if vec is not None:
+            _add_scaled(result, vec, 1)
+    return result, unknown_loops
+
+
+def _count(hlo_text: str) -> tuple[dict[str, CollectiveStats], int]:
+    """count_collectives plus the number of while loops of unknown trip count holding collectives."""
+    if not isinstance(hlo_text, str):
+        raise TitanaxError(
+            f"count_collectives expects HLO text (str), got {type(hlo_text).__name__}",
+            suggestion="pass compiled.as_text(), or use titanax.profiling.inspect(compiled)",
+        )
+    comps, static = _parse_module(hlo_text)
+    per_run, unknown_loops = _execution_totals(comps)
+    stats = {
+        kind: CollectiveStats(per_run[i], per_run[_NKINDS + i], static[i], static[_NKINDS + i])
+        for i, kind in enumerate(COLLECTIVE_KINDS)
+    }
+    return stats, unknown_loops
+
+
+def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
+    """Counts the collectives one run of an HLO program executes, and the bytes each kind produces
+    per device.
+
+    Reads the text of an optimized (SPMD-partitioned) module, e.g. ``Compiled.as_text()``: every
+    instruction whose opcode is one of :data:`COLLECTIVE_KINDS`, in the entry computation, a
+    fusion, a ``while`` body or an async wrapper computation. ``count``/``bytes`` are per
+    **execution** of the program (one step of a step function), found by weighting each
+    computation by how many times one run executes it:
+
+    * a ``while`` body (``lax.scan``, ``fori_loop``) runs once per trip, as XLA's while-loop
+      analysis wrote it in the loop's ``backend_config`` (``"known_trip_count":{"n":"80"}``);
+      its condition runs trips + 1 times; nested loops multiply;
+    * a ``while`` whose trip count XLA does not know (a ``lax.while_loop`` on data, or lowered,
+      not yet optimized, text) counts its body and condition **once**, so the figures are then
+      lower bounds; :attr:`CompiledStats.unknown_trip_loops` counts such loops;
+    * a ``conditional`` counts its heaviest branch (most bytes, then most ops) once: an upper
+      bound for the branch actually taken;
+    * fusions, ``call``, ``custom-call`` and async wrappers (``async-start ... calls=``) run
+      their computation once per call; reduction combiners (``to_apply=``) hold no collectives.
+
+    ``static_count``/``static_bytes`` count each instruction once per appearance in the text
+    instead, as this function did before it knew about loops. Async pairs
+    (``all-gather-start``/``all-gather-done``) count once, at the ``-done``, whose result is the
+    collective's output; generic ``async-start``/``async-done`` wrappers are not counted
+    themselves, the collective inside the wrapped computation is. Computations that nothing
+    calls in a recognised way, and lines outside any computation (a fragment of a module), count
+    once. One pass over the lines, then a walk over the call graph: linear in the text's size.
 
     Bytes are the result shape's size on one device (all tuple elements summed): for all-gather
     the gathered array, for reduce-scatter the scattered shard, for all-reduce the reduced array.
@@ -200,27 +473,9 @@ def count_collectives(hlo_text: str) -> dict[str, CollectiveStats]:
       >>> stats = count_collectives(
       ...     "%ag = f32[16,64]{1,0} all-gather(%p), dimensions={0}, replica_groups={{0,1,2,3}}")
       >>> stats["all-gather"]
-      CollectiveStats(count=1, bytes=4096)
+      CollectiveStats(count=1, bytes=4096, static_count=1, static_bytes=4096)
     """
-    if not isinstance(hlo_text, str):
-        raise TitanaxError(
-            f"count_collectives expects HLO text (str), got {type(hlo_text).__name__}",
-            suggestion="pass compiled.as_text(), or use titanax.profiling.inspect(compiled)",
-        )
-    counts = {kind: 0 for kind in COLLECTIVE_KINDS}
-    sizes = {kind: 0 for kind in COLLECTIVE_KINDS}
-    for line in hlo_text.splitlines():
-        if "all-" not in line and "collective-" not in line and "reduce-scatter" not in line:
-            continue  # cheap filter: most lines of a large module are not collectives
-        parsed = _parse_collective(line)
-        if parsed is None:
-            continue
-        kind, suffix, nbytes = parsed
-        if suffix == "-start":
-            continue
-        counts[kind] += 1
-        sizes[kind] += nbytes
-    return {kind: CollectiveStats(counts[kind], sizes[kind]) for kind in COLLECTIVE_KINDS}
+    return _count(hlo_text)[0]
 
 
 def _normalize_kind(kind: str) -> str:
@@ -245,8 +500,12 @@ class CompiledStats:
     Memory fields come from ``memory_analysis()`` and are ``None`` when the backend reports
     nothing. ``flops`` and ``bytes_accessed`` come from ``cost_analysis()`` and are XLA's estimate
     for the per-device program; **XLA's cost model counts a while/scan loop body once, not once
-    per trip**, so a ``lax.scan`` over N layers reports about one layer's FLOPs. Collective
-    counts follow :func:`count_collectives` (an op in a loop body also counts once).
+    per trip**, so a ``lax.scan`` over N layers reports about one layer's FLOPs. Collectives,
+    read from the HLO text by :func:`count_collectives`, are the other way round: counts and
+    bytes are **per run of the program (one step), per device, with a loop body counted once per
+    trip**, so a scanned 80-layer stack's per-layer all-gather counts 80 times. Where XLA does
+    not know a loop's trip count, its body counts once and :attr:`unknown_trip_loops` says how
+    many such loops there are (the collective figures are then lower bounds: "at least").
 
     Attributes:
       argument_bytes: input buffers on one device (donated inputs included).
@@ -259,8 +518,12 @@ class CompiledStats:
       flops: floating-point operations per device, as XLA's cost model counts them.
       bytes_accessed: bytes read and written per device, as XLA's cost model counts them.
       transcendentals: transcendental operations per device (exp, log, ...), if reported.
-      collectives: kind -> :class:`CollectiveStats` for every kind in :data:`COLLECTIVE_KINDS`;
-        empty when the backend gave no HLO text.
+      collectives: kind -> :class:`CollectiveStats` for every kind in :data:`COLLECTIVE_KINDS`
+        (``count``/``bytes`` per step, loops counted per trip; ``static_count``/``static_bytes``
+        once per op in the text); empty when the backend gave no HLO text.
+      unknown_trip_loops: ``while`` loops whose trip count XLA does not know and whose body or
+        condition holds a collective; each was counted as if it ran once, so when this is
+        above 0 the collective counts and bytes are lower bounds.
       module_name: the HLO module's name (e.g. ``"jit_train_step"``), if known.
       num_partitions: devices the program was partitioned over (1 when not SPMD).
 
@@ -284,13 +547,14 @@ class CompiledStats:
     )
     module_name: str | None = None
     num_partitions: int = 1
+    unknown_trip_loops: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.collectives, types.MappingProxyType):
             object.__setattr__(self, "collectives", types.MappingProxyType(dict(self.collectives)))
 
     def count(self, kind: str) -> int:
-        """Number of collectives of one kind.
+        """Number of collectives of one kind that one run (step) executes, loops counted per trip.
 
         Args:
           kind: an HLO opcode from :data:`COLLECTIVE_KINDS`, e.g. ``"all-reduce"``
@@ -310,7 +574,8 @@ class CompiledStats:
         return stats.count if stats is not None else 0
 
     def bytes(self, kind: str) -> int:
-        """Per-device result bytes of all collectives of one kind.
+        """Per-device result bytes of the collectives of one kind over one run (step), loops
+        counted per trip.
 
         Args:
           kind: an HLO opcode from :data:`COLLECTIVE_KINDS`, e.g. ``"all-gather"``.
@@ -330,12 +595,15 @@ class CompiledStats:
 
     @property
     def total_collective_bytes(self) -> int:
-        """Per-device result bytes of every collective in the program, all kinds together."""
+        """Bytes the collectives of one run of the program (one step) produce on one device, all
+        kinds together: each op's result size, a loop body's ops once per trip. A lower bound when
+        :attr:`unknown_trip_loops` is above 0."""
         return sum(s.bytes for s in self.collectives.values())
 
     @property
     def total_collective_count(self) -> int:
-        """Number of collectives in the program, all kinds together."""
+        """Collectives one run of the program (one step) executes, all kinds together, a loop
+        body's ops once per trip. A lower bound when :attr:`unknown_trip_loops` is above 0."""
         return sum(s.count for s in self.collectives.values())
 
     @property
@@ -415,15 +683,23 @@ class CompiledStats:
         if not self.collectives:
             lines.append("  collectives: unavailable (backend gave no HLO text)")
         else:
-            lines.append(f"  {'collectives':<24}{'count':>6}{'bytes/device':>14}")
-            present = [(k, s) for k, s in self.collectives.items() if s.count]
+            lines.append("  collectives per step (a loop body counted once per trip)")
+            if self.unknown_trip_loops:
+                n = self.unknown_trip_loops
+                lines.append(f"    at least: {n} loop{'s' if n != 1 else ''} of unknown trip count "
+                             f"{'were' if n != 1 else 'was'} counted once")
+            present = [(k, s) for k, s in self.collectives.items() if s.count or s.static_count]
             if not present:
                 lines.append("    none")
+            else:
+                lines.append(f"    {'kind':<22}{'count':>8}{'bytes/device':>14}{'ops in HLO':>12}")
             for kind, s in present:
-                lines.append(f"    {kind:<22}{s.count:>6}{human_bytes(s.bytes):>14}")
+                lines.append(f"    {kind:<22}{s.count:>8}{human_bytes(s.bytes):>14}"
+                             f"{s.static_count:>12}")
             if len(present) > 1:
-                lines.append(f"    {'total':<22}{self.total_collective_count:>6}"
-                             f"{human_bytes(self.total_collective_bytes):>14}")
+                ops = sum(s.static_count for s in self.collectives.values())
+                lines.append(f"    {'total':<22}{self.total_collective_count:>8}"
+                             f"{human_bytes(self.total_collective_bytes):>14}{ops:>12}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -490,13 +766,15 @@ def _header_fields(hlo_text: str | None) -> dict[str, Any]:
 
 def _stats_from(memory: Any, cost: Any, hlo_text: str | None) -> CompiledStats:
     """Builds CompiledStats from raw memory_analysis / cost_analysis / HLO text (any may be None)."""
-    collectives: Mapping[str, CollectiveStats] = (
-        count_collectives(hlo_text) if isinstance(hlo_text, str) and hlo_text else {}
-    )
+    collectives: Mapping[str, CollectiveStats] = {}
+    unknown_loops = 0
+    if isinstance(hlo_text, str) and hlo_text:
+        collectives, unknown_loops = _count(hlo_text)
     return CompiledStats(
         **_memory_fields(memory),
         **_cost_fields(cost),
         collectives=collectives,
+        unknown_trip_loops=unknown_loops,
         **_header_fields(hlo_text),
     )
 
