@@ -74,25 +74,45 @@ jax.monitoring.register_event_duration_secs_listener(
     if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
 
 
+class MLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        named = lambda *names: nnx.with_partitioning(nnx.initializers.normal(0.1), names,  # noqa: E731
+                                                     eager_sharding=False)
+        self.up = nnx.Linear(16, 32, kernel_init=named("embed", "mlp"), rngs=rngs)
+        self.down = nnx.Linear(32, 1, kernel_init=named("mlp", None), rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.relu(self.up(x)))[:, 0]
+
+
+@tx.step_fn
+def regression_step(state, batch):
+    def loss_fn(params):
+        return jnp.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), {"loss": loss}
+
+
 def test_the_step_compiles_once_per_batch_shape_and_layout(mesh):
-    step = tx.step_fn(train_step.fn)
-    state = tx.create_train_state(tx.shard(tiny, PLAN, mesh), tx.optim.adamw(1e-3))
-    tokens = np.random.default_rng(0).integers(0, 256, (8, 33), dtype=np.int32)
+    state = tx.create_train_state(tx.shard(MLP, PLAN, mesh), tx.optim.adamw(1e-3))
+    data = np.random.default_rng(0)
+    batch = {"x": data.normal(size=(16, 16)).astype(np.float32), "y": data.normal(size=16).astype(np.float32)}
     compiles = lambda: _LOWERED.count("jit(_body)")  # noqa: E731  (lowered once per compiled program)
     before = compiles()
     for _ in range(3):
-        state, _ = step(state, {"tokens": tokens})
+        state, _ = regression_step(state, batch)
     assert compiles() - before == 1
-    state, _ = step(state, {"tokens": tokens[:, :17]})  # a new batch shape
+    state, _ = regression_step(state, {k: v[:8] for k, v in batch.items()})  # a new batch shape
     assert compiles() - before == 2
-    state, _ = step(state, {"tokens": tokens})  # seen before
+    state, _ = regression_step(state, batch)  # seen before
     assert compiles() - before == 2
     params = jax.tree.map(lambda x: x, state.params)  # one parameter laid out anew by hand
-    params["wpe"]["embedding"] = jax.device_put(
-        params["wpe"]["embedding"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor")))
-    state, _ = step(state.replace(params=params), {"tokens": tokens})
+    params["up"]["kernel"] = jax.device_put(
+        params["up"]["kernel"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tensor", "fsdp")))
+    state, _ = regression_step(state.replace(params=params), batch)
     assert compiles() - before == 3
-    assert state.params["wpe"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert state.params["up"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
 def slot_specs(optimizer, mesh):
@@ -155,3 +175,18 @@ def test_initialization_creates_each_shard_without_full_size_temporaries(mesh):
     memory = init_program(factory, PLAN, mesh).memory_analysis()
     assert memory.temp_size_in_bytes <= 1.5 * memory.output_size_in_bytes, (
         memory.temp_size_in_bytes, memory.output_size_in_bytes)
+
+
+def test_the_engine_keeps_one_copy_of_the_parameters_it_created(mesh):
+    import gc
+
+    gc.collect()
+    before = sum(x.nbytes for x in jax.live_arrays())
+    engine = tx.Engine(mesh=mesh, plan=PLAN, optimizer=tx.optim.adamw(1e-3))
+    state = engine.init(tiny)
+    gc.collect()
+    held = sum(x.nbytes for x in jax.live_arrays()) - before
+    params = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    everything = sum(x.nbytes for x in jax.tree.leaves(state))
+    assert everything < held + 1024 and held < everything + 1024  # nothing but the state is alive
+    assert 3 * params <= everything < 3 * params + 4096  # params, mu, nu and a few scalars

@@ -101,7 +101,8 @@ class PipelineParallelConfig:
     schedule: str = "gpipe"
     """``gpipe``, ``circular``, ``1f1b`` or ``interleaved``."""
     remat: str = "none"
-    """Recompute inside a stage: ``none``, ``full``, ``save_dots``, ``save_dots_no_batch``."""
+    """Recompute inside a stage: ``none``, ``full``, ``save_dots``, ``save_dots_no_batch``, ``offload``
+    (GPU/TPU); the model's ``tx.nn.LayerStack(remat=)`` applies inside it per layer."""
     nan_bubbles: bool = False
     """Debug: feed NaN into idle slots (results must not change)."""
     unroll_ticks: bool = False

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from flax import nnx
 
 from titanax.data import DevicePrefetcher, to_global
 from titanax.io.checkpoint import CheckpointStrategy
@@ -115,16 +116,19 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ init
     def init(self, model: Any, example: Any = None, *, rng: int | jax.Array = 0, params: Any = None,
-             example_kwargs: Mapping[str, Any] | None = None) -> TrainState:
+             example_kwargs: Mapping[str, Any] | None = None, abstract: bool = False) -> TrainState:
         """Create the training state, directly sharded.
 
         Args:
           model: a ``tx.shard`` result on this engine's mesh, or a Flax model (Linen module, NNX
-            module or factory) to shard with the engine's plan.
+            module or factory) to shard with the engine's plan; the engine then hands the
+            parameters it created to the state without a copy.
           example: Linen only: an input batch (or tuple of inputs) to initialize from.
           rng: seed or key for initialization and the per-step PRNG.
           params: existing parameters instead of initializing.
           example_kwargs: Linen only: keyword arguments for ``init``.
+          abstract: allocate nothing: the state's arrays are ``jax.ShapeDtypeStruct``s with their
+            shardings, for lowering a step (an abstract sharded model gives one too).
 
         Returns:
           The :class:`TrainState` (also kept as ``engine.state``).
@@ -135,11 +139,15 @@ class Engine:
                     "the sharded model lives on a different mesh than the engine",
                     suggestion="shard it with the engine's mesh: tx.shard(model, plan, engine.mesh)",
                 )
-            sharded = model
+            sharded, ours = model, False
         else:
             sharded = shard(model, self.plan, self.mesh, example=example, rng=rng, params=params,
-                            example_kwargs=example_kwargs)
-        self.state = create_train_state(sharded, self.optimizer, precision=self.precision, rng=rng)
+                            example_kwargs=example_kwargs, abstract=abstract)
+            # Parameters the engine created are handed to the state; a built NNX module (its
+            # arrays are resharded in place) and params= stay the user's.
+            ours = params is None and not isinstance(model, nnx.Module)
+        self.state = create_train_state(sharded, self.optimizer, precision=self.precision, rng=rng,
+                                        donate_params=ours)
         return self.state
 
     # ------------------------------------------------------------------------------------- fit

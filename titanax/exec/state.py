@@ -260,6 +260,7 @@ def create_train_state(
     precision: Precision | None = None,
     rng: int | jax.Array = 0,
     accumulate_steps: int | None = None,
+    donate_params: bool = False,
 ) -> TrainState:
     """A :class:`TrainState` for a sharded model, every array created directly sharded.
 
@@ -275,6 +276,10 @@ def create_train_state(
       precision: the precision policy; float32 throughout by default.
       rng: seed or key for the per-step PRNG.
       accumulate_steps: microbatches per step; default from the plan's ``DP(accumulate_steps=)``.
+      donate_params: hand the model's parameter buffers to the state instead of copying them
+        (when they are already in the master dtype), so one copy of the parameters exists; the
+        sharded model can then no longer run with its own parameters (use
+        ``model.apply(state.params, x)``). ``Engine.init`` does this for a model it shards itself.
 
     Returns:
       The state: parameters cast to the master dtype, optimizer slots with their parameter's
@@ -305,7 +310,11 @@ def create_train_state(
         arrays = abstract(shapes, shardings)
     else:
         # One program, each output created in its final layout; model state passes through as is.
-        arrays = jax.jit(build, out_shardings=shardings)(model.params, model.model_state, key)
+        same_dtype = all(jnp.result_type(a) == b.dtype for a, b in
+                         zip(jax.tree.leaves(model.params), jax.tree.leaves(shapes["params"])))
+        donate = (0,) if donate_params and same_dtype else ()
+        arrays = jax.jit(build, out_shardings=shardings, donate_argnums=donate)(
+            model.params, model.model_state, key)
     return TrainState(
         **arrays,
         grad_accum=None,

@@ -96,9 +96,6 @@ class TP:
         return presets.tensor_parallel(self.axis, sequence_parallel=self.sequence_parallel)
 
 
-REMAT_NAMES = ("none", "full", "save_dots", "save_dots_no_batch")
-
-
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class PP:
     """Pipeline parallelism: the model's ``tx.nn.LayerStack`` split into stages over ``axis``.
@@ -140,9 +137,9 @@ class PP:
         if self.schedule not in SCHEDULES:
             raise PlanError(f"PP(schedule={self.schedule!r}) is not a schedule",
                             suggestion=f"use one of {', '.join(SCHEDULES)}")
-        if self.remat not in REMAT_NAMES:
-            raise PlanError(f"PP(remat={self.remat!r}) is not a remat policy",
-                            suggestion=f"use one of {', '.join(REMAT_NAMES)}")
+        from titanax.nn.remat import check_policy  # titanax.nn imports the pipeline, which imports plans
+
+        check_policy(self.remat, "PP(remat=...)")
         self.schedule_table()  # validates stages, microbatches and repeats
 
     def schedule_table(self) -> Schedule:
