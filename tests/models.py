@@ -199,3 +199,13 @@ def token_batch(batch: int = 16, seed: int = 0) -> jax.Array:
 
 def float_batch(batch: int = 16, dim: int = EMBED, seed: int = 0) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (batch, dim), jnp.float32)
+
+
+@tx.step_fn
+def regression_step(state, batch):
+    """Mean squared error of ``model(batch["x"])`` against ``batch["y"]``, one update."""
+    def loss(params):
+        return jnp.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
+
+    value, grads = jax.value_and_grad(loss)(state.params)
+    return state.apply_gradients(grads=grads), {"loss": value}

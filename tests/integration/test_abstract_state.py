@@ -5,6 +5,7 @@ import resource
 
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import optax
 import pytest
@@ -74,30 +75,11 @@ jax.monitoring.register_event_duration_secs_listener(
     if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
 
 
-class MLP(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        named = lambda *names: nnx.with_partitioning(nnx.initializers.normal(0.1), names,  # noqa: E731
-                                                     eager_sharding=False)
-        self.up = nnx.Linear(16, 32, kernel_init=named("embed", "mlp"), rngs=rngs)
-        self.down = nnx.Linear(32, 1, kernel_init=named("mlp", None), rngs=rngs)
-
-    def __call__(self, x):
-        return self.down(jax.nn.relu(self.up(x)))[:, 0]
-
-
-@tx.step_fn
-def regression_step(state, batch):
-    def loss_fn(params):
-        return jnp.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads=grads), {"loss": loss}
-
-
 def test_the_step_compiles_once_per_batch_shape_and_layout(mesh):
-    state = tx.create_train_state(tx.shard(MLP, PLAN, mesh), tx.optim.adamw(1e-3))
+    state = tx.create_train_state(tx.shard(models.NNXMLP, PLAN, mesh), tx.optim.adamw(1e-3))
     data = np.random.default_rng(0)
-    batch = {"x": data.normal(size=(16, 16)).astype(np.float32), "y": data.normal(size=16).astype(np.float32)}
+    batch = {name: data.normal(size=(16, models.EMBED)).astype(np.float32) for name in ("x", "y")}
+    regression_step = tx.step_fn(models.regression_step.fn)  # its own compile cache
     compiles = lambda: _LOWERED.count("jit(_body)")  # noqa: E731  (lowered once per compiled program)
     before = compiles()
     for _ in range(3):

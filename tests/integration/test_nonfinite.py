@@ -30,13 +30,7 @@ def make_batches(n: int, bad: tuple[int, ...] = ()) -> list[dict[str, np.ndarray
     return out
 
 
-@tx.step_fn
-def train_step(state, batch):
-    def loss(params):
-        return jnp.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
-
-    value, grads = jax.value_and_grad(loss)(state.params)
-    return state.apply_gradients(grads=grads), {"loss": value}
+train_step = m.regression_step
 
 
 MESH = tx.MeshSpec(axes=("data",)).build()
