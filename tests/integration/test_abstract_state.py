@@ -4,7 +4,6 @@ allocating them; every sharding from the plan's layout; initialization without t
 import resource
 
 import jax
-import jax.numpy as jnp
 import models
 import numpy as np
 import optax
@@ -13,7 +12,6 @@ from flax import nnx
 
 import titanax as tx
 from examples.gpt_small_tp.model import gpt
-from examples.gpt_small_tp.steps import train_step
 from titanax.parallel.flax_nnx import _call_factory
 from titanax.parallel.tracing import tracing_context
 
@@ -60,13 +58,6 @@ def test_a_model_far_larger_than_this_machine_is_described_without_allocating_it
     assert grown_kib < 1 << 20, f"resident memory grew by {grown_kib / 2**20:.1f} GiB"
     with pytest.raises(tx.ShardingError, match="sharded abstract"):
         sm(np.zeros((8, 16), np.int32))
-
-
-def test_the_step_lowers_from_abstract_state(mesh):
-    state = tx.create_train_state(tx.shard(tiny, PLAN, mesh, abstract=True), tx.optim.adamw(1e-3))
-    batch = {"tokens": jax.ShapeDtypeStruct((8, 33), jnp.int32)}
-    stats = tx.profiling.inspect(train_step.lower(state, batch))
-    assert stats.temp_bytes is not None and stats.total_collective_count > 0
 
 
 _LOWERED: list[str] = []
