@@ -28,8 +28,9 @@ GPT = str(ROOT / "examples" / "configs" / "gpt_tiny_dp2_tp4.yaml")
 STEPS = 20
 QUIET = ["logging.every=1", "logging.progress=false", "optimizer.warmup_steps=2"]
 MNIST_RUN = [f"train.steps={STEPS}", f"train.eval_every={STEPS}", *QUIET]
-GPT_RUN = [f"train.steps={STEPS}", f"train.eval_every={STEPS}", "train.eval_at_start=false",
-           "data.args.max_bytes=1000000", "data.args.eval_batches=2", *QUIET]
+GPT_STEPS = 8  # compiling dominates; 8 steps of DP x TP across processes show the same losses as 20
+GPT_RUN = [f"train.steps={GPT_STEPS}", "train.eval_every=null", "train.eval_at_start=false",
+           "data.args.max_bytes=1000000", *QUIET]
 
 
 def launch(config: str, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -104,7 +105,7 @@ def test_checkpoint_written_by_one_process_resumes_in_two(one_process_mnist, tmp
 def test_two_processes_match_one_process_on_gpt_dp_tp(tmp_path):
     train(load(GPT, [*GPT_RUN, f"logging.csv={tmp_path / 'one.csv'}"]))
     launch(GPT, [*GPT_RUN, f"logging.csv={tmp_path / 'two.csv'}"])
-    assert_same_losses(losses(tmp_path / "two.csv"), losses(tmp_path / "one.csv"), range(1, STEPS + 1))
+    assert_same_losses(losses(tmp_path / "two.csv"), losses(tmp_path / "one.csv"), range(1, GPT_STEPS + 1))
 
 
 def test_killing_one_process_stops_the_launcher_and_names_it():

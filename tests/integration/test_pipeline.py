@@ -18,8 +18,10 @@ CFG = dataclasses.replace(TINY, num_layers=8)  # 8 layers split into p * v = 2, 
 BATCH, SEQ = 8, 16
 TOLERANCE = 1e-5
 SCHEDULES = [("gpipe", 1), ("circular", 2), ("1f1b", 1), ("interleaved", 2)]
-# Each schedule's p = 2 case also runs its stage under a different remat policy.
+# Each schedule's p = 2 case also runs its stage under a different remat policy, composed with the
+# layer stack's own per-layer policy (tx.nn.LayerStack(remat=)).
 REMAT = {"gpipe": "full", "circular": "save_dots", "1f1b": "save_dots_no_batch", "interleaved": "none"}
+STACK_REMAT = {"gpipe": "full", "circular": "none", "1f1b": "save_dots", "interleaved": "full"}
 
 
 def tokens() -> jax.Array:
@@ -62,7 +64,8 @@ def test_every_schedule_matches_one_device(kind, schedule, stages, microbatches,
     pp = tx.PP(axis="pipe", stages=stages, microbatches=microbatches, repeats=repeats, schedule=schedule,
                nan_bubbles=nan_bubbles, remat=REMAT[schedule] if kind == "pp2" else "none")
     spec, plan = layout(kind, pp)
-    sm = tx.shard(lambda: GPT(CFG, rngs=nnx.Rngs(0)), dataclasses.replace(plan, strict=True), spec.build())
+    cfg = dataclasses.replace(CFG, remat=STACK_REMAT[schedule] if kind == "pp2" else "none")
+    sm = tx.shard(lambda: GPT(cfg, rngs=nnx.Rngs(0)), dataclasses.replace(plan, strict=True), spec.build())
     step = jax.jit(tx.value_and_grad(lambda p, t: loss_fn(sm.apply, p, t)))
     batch = sm.shard_batch(tokens())
     loss, grads = step(sm.params, batch)

@@ -12,6 +12,7 @@ from flax import nnx
 
 import titanax as tx
 from titanax.nn.remat import REMAT_POLICIES, remat
+from examples.gpt_small_tp.model import GPTConfig, gpt
 
 
 class Residual(nnx.Module):
@@ -112,3 +113,11 @@ def test_offload_puts_projection_outputs_in_host_memory():
     text = str(jax.make_jaxpr(jax.grad(remat(f, "offload", backend="gpu")))(jnp.ones((4, 8))))
     assert "device_put" in text and "<host>" in text
     assert "<host>" not in str(jax.make_jaxpr(jax.grad(remat(f, "save_dots_no_batch")))(jnp.ones((4, 8))))
+
+
+def test_run_config_factory_takes_remat():
+    # What `model: {args: {remat: full}}` in a run configuration calls.
+    assert nnx.eval_shape(lambda: gpt(preset="tiny", remat="full", rngs=nnx.Rngs(0))).blocks.remat == "full"
+    with pytest.raises(tx.TitanaxError, match="GPTConfig") as err:
+        GPTConfig(remat="everything")
+    assert "none, full, save_dots, save_dots_no_batch, offload" in err.value.suggestion
