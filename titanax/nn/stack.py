@@ -10,7 +10,7 @@ from flax import nnx
 from flax.nnx import spmd
 
 from titanax.exceptions import PlanError, TitanaxError
-from titanax.nn.remat import check_policy, remat
+from titanax.parallel.remat import check_policy, remat
 from titanax.parallel.pipeline import ActivePipeline, current_pipeline, pipeline_forward
 from titanax.parallel.pipeline_explicit import StackCaptured, current_stack_mode
 

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from titanax.exceptions import PlanError
-from titanax.nn.remat import remat
+from titanax.parallel.remat import remat
 from titanax.parallel.manual import as_varying
 
 __all__ = ["current_pipeline", "pipeline_context", "pipeline_forward"]

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from titanax.exceptions import PlanError
-from titanax.nn.remat import remat
+from titanax.parallel.remat import remat
 from titanax.parallel.manual import as_varying
 from titanax.parallel.pipeline import (ActivePipeline, merge_layers, merge_microbatches, split_layers,
                                        split_microbatches)

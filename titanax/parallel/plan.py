@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from jax.sharding import Mesh
 
+from titanax.parallel.remat import check_policy
 from titanax.exceptions import PlanError
 from titanax.parallel import presets
 from titanax.parallel.rules import Rules
@@ -137,8 +138,6 @@ class PP:
         if self.schedule not in SCHEDULES:
             raise PlanError(f"PP(schedule={self.schedule!r}) is not a schedule",
                             suggestion=f"use one of {', '.join(SCHEDULES)}")
-        from titanax.nn.remat import check_policy  # titanax.nn imports the pipeline, which imports plans
-
         check_policy(self.remat, "PP(remat=...)")
         self.schedule_table()  # validates stages, microbatches and repeats
 
