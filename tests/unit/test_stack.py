@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import titanax as tx
-from titanax.parallel.remat import REMAT_POLICIES, remat
+from titanax.nn.remat import REMAT_POLICIES, remat
 from examples.gpt_small_tp.model import GPTConfig, gpt
 
 

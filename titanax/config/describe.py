@@ -210,7 +210,7 @@ def _activations(recorder: _ApplyRecorder, sharded: Any, **split: Any) -> Any:
     backward pass (they live beside the saved ones while that layer's gradient is computed)."""
     from flax import nnx
 
-    from titanax.parallel.remat import without_remat
+    from titanax.nn.remat import without_remat
     from titanax.nn.stack import LayerStack
 
     saved = recorder.estimate(**split)

@@ -99,10 +99,13 @@ class PipelineParallelConfig:
     repeats: int = 1
     """Virtual stages per device (``circular``, ``interleaved``)."""
     schedule: str = "gpipe"
-    """``gpipe``, ``circular``, ``1f1b`` or ``interleaved``."""
+    """``gpipe``, ``circular``, ``1f1b``, ``interleaved`` or ``zbh1``."""
     remat: str = "none"
     """Recompute inside a stage: ``none``, ``full``, ``save_dots``, ``save_dots_no_batch``, ``offload``
     (GPU/TPU); the model's ``tx.nn.LayerStack(remat=)`` applies inside it per layer."""
+    recompute: bool = False
+    """``1f1b``/``interleaved``: stash one input per microbatch and recompute the stage in the
+    backward slot, instead of stashing every layer's residuals."""
     nan_bubbles: bool = False
     """Debug: feed NaN into idle slots (results must not change)."""
     unroll_ticks: bool = False

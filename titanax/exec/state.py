@@ -65,6 +65,10 @@ class TrainState:
     """Inside a manual-mode step: the mesh axes gradients must be reduced over."""
     step_record: Any = struct.field(pytree_node=False, default=None)
     """Inside a ``@tx.step_fn``: notes what the step body did with this state (trace time only)."""
+    layer_order: Any = struct.field(pytree_node=False, default=None)
+    """The model's :class:`~titanax.parallel.layer_order.LayerOrder` (``ShardedModel.layer_order``):
+    under ``PP(repeats>1)`` the layer stack in ``params``, ``opt_state`` and ``model_state`` is in
+    pipeline order; ``None``: natural order. Checkpoints are written in natural order."""
 
     def apply(self, params: Any, *args: Any, mutable: Any = False, **kwargs: Any) -> Any:
         """Run the model with ``params`` under the precision policy (use inside your loss).
@@ -324,6 +328,7 @@ def create_train_state(
         mesh=mesh,
         rules=model.rules,
         accumulate_steps=accumulate_steps,
+        layer_order=getattr(model, "layer_order", None),
     )
 
 

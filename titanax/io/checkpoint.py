@@ -6,8 +6,10 @@ step) and restore onto whatever layout the *current* plan and mesh give the stat
 written under TP 2 restores under FSDP 8 or on fewer devices. Before any array is read, the saved
 tree (paths, shapes, dtypes, from Orbax's metadata) is compared with the state it restores into: a
 checkpoint of another model or optimizer is refused naming the first array that differs, and a
-dtype change (saved float32, restored as bfloat16) is a warning. Nothing in a checkpoint is
-executed: arrays, JSON and no pickle.
+dtype change (saved float32, restored as bfloat16) is a warning. A layer stack kept in pipeline
+order (``PP(repeats>1)``, ``TrainState.layer_order``) is written in natural order and put back in
+the order of the state it restores into, so such steps move between plans too. Nothing in a
+checkpoint is executed: arrays, JSON and no pickle.
 """
 
 from __future__ import annotations
@@ -75,6 +77,24 @@ def _arrays_of(state: Any) -> dict[str, Any]:
         "model_state": state.model_state,
         "loss_scale": state.loss_scale,
     }
+
+
+def _in_layer_order(state: Any, arrays: dict[str, Any], to: str) -> dict[str, Any]:
+    """``arrays`` (as :func:`_arrays_of` gives them) with the layer stack moved between
+    ``state``'s order and natural order (``to``: ``"natural"`` or ``"pipeline"``).
+
+    Checkpoints hold natural order whatever plan wrote them, so a step saved under
+    ``PP(repeats>1)`` (stack stored in pipeline order, see ``TrainState.layer_order``) restores
+    under any other plan and vice versa. Each array keeps its sharding; on save the converted
+    stack (parameters, their optimizer slots, stacked model state) is a second copy until written.
+    """
+    order = getattr(state, "layer_order", None)
+    if order is None or order.is_identity:
+        return arrays
+    convert = order.to_natural if to == "natural" else order.to_pipeline
+    params, opt_state = convert(arrays["params"], arrays["opt_state"], state.optimizer)
+    return {**arrays, "params": params, "opt_state": opt_state,
+            "model_state": convert(arrays["model_state"])[0]}
 
 
 def _abstract(tree: Any) -> Any:
@@ -274,9 +294,10 @@ class OrbaxCheckpoint:
         if self.best is not None:
             # {} rather than None for an unranked save: Orbax warns on every save without metrics.
             ranked_metrics = dict(metrics) if self.best.score(metrics) is not None else {}
+        arrays = _in_layer_order(state, _arrays_of(state), "natural")  # whatever the plan
         self._manager.save(
             int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays_of(state)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                     data=ocp.args.JsonSave(data_state if data_state is not None else {}),
                                     meta=ocp.args.JsonSave(record)),
             metrics=ranked_metrics,
@@ -466,7 +487,8 @@ class OrbaxCheckpoint:
                                               data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         except Exception as err:  # Orbax/TensorStore raise many types for missing or bad files
             raise self._damaged(step, err) from err
-        arrays = restored.state
+        # Read in natural order into the target's shardings, then put in the target's order.
+        arrays = _in_layer_order(state, restored.state, "pipeline")
         meta = restored.meta or {}
         if meta.get("step", step) != step:
             raise CheckpointError(f"checkpoint step {step} records step {meta.get('step')}",

@@ -10,9 +10,7 @@ from flax import nnx
 from flax.nnx import spmd
 
 from titanax.exceptions import PlanError, TitanaxError
-from titanax.parallel.remat import check_policy, remat
-from titanax.parallel.pipeline import ActivePipeline, current_pipeline, pipeline_forward
-from titanax.parallel.pipeline_explicit import StackCaptured, current_stack_mode
+from titanax.nn.remat import check_policy, remat
 
 __all__ = ["LayerStack"]
 
@@ -29,9 +27,11 @@ class LayerStack(nnx.Module):
 
     ``remat`` decides what each layer keeps for the backward pass: the scan body (one layer) runs
     under ``jax.checkpoint`` with that policy, so ``"full"`` keeps only each layer's input and
-    recomputes the rest of the layer when its gradient is needed. Under a pipeline plan the same
-    per-layer policy applies inside each stage, and ``tx.PP(remat=)`` wraps the whole stage on top
-    of it; the two compose.
+    recomputes the rest of the layer when its gradient is needed.
+
+    The stack knows nothing of parallelism: under a plan with ``tx.PP``, ``tx.shard`` replaces it
+    by a ``titanax.parallel.PipelinedStack`` holding the same variables, which runs the layers as
+    pipeline stages (the per-layer policy still applies inside each stage).
 
     Args:
       make_block: builds one block from an ``nnx.Rngs`` (``lambda rngs: Block(cfg, rngs=rngs)``);
@@ -67,15 +67,6 @@ class LayerStack(nnx.Module):
         self.layer = _create_layers(make_block, num_layers, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        mode = current_stack_mode()
-        if mode is not None and mode.kind == "inject":
-            return mode.output  # the rest of the model, run on a pipeline's output
-        active = current_pipeline()
-        if mode is not None and mode.kind == "capture":
-            params, stage = self._stage()
-            raise StackCaptured(x, params, stage, self.num_layers, active)
-        if active is not None:
-            return self._pipelined(x, active)
         graphdef, state = nnx.split(self.layer)
 
         def layer(carry: jax.Array, layer_state: Any) -> tuple[jax.Array, Any]:
@@ -87,9 +78,17 @@ class LayerStack(nnx.Module):
         nnx.update(self.layer, new_state)
         return y
 
-    def _stage(self) -> tuple[Any, Callable[[Any, jax.Array], jax.Array]]:
-        """The stack's parameters and ``(chunk, x) -> y`` running a chunk of its layers in order,
-        each layer under the stack's remat policy (the pipeline's own policy wraps the chunk)."""
+    def layer_fn(self) -> tuple[Callable[[jax.Array, Any], jax.Array], Any]:
+        """``(layer, params)``: one layer as a pure function ``layer(h, layer_params) -> h`` (under
+        the stack's remat policy) and the stacked parameters (leaves ``[num_layers, ...]``).
+
+        What a pipeline runs chunk by chunk; the stack's non-parameter state would have to be
+        carried between microbatches and stages, so a block holding any is refused.
+
+        Raises:
+          PlanError: the block holds variables other than parameters (dropout RNG counters,
+            batch statistics).
+        """
         graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)
         if jax.tree.leaves(rest):
             names = sorted({type(v).__name__ for v in jax.tree.leaves(rest, is_leaf=lambda v: isinstance(v, nnx.Variable))})
@@ -98,24 +97,10 @@ class LayerStack(nnx.Module):
                 suggestion="drop dropout/batch statistics from the repeated block, or train without PP",
             )
 
-        def layer(carry: jax.Array, layer_params: Any) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, layer_params, rest)(carry), None
+        def layer(h: jax.Array, layer_params: Any) -> jax.Array:
+            return nnx.merge(graphdef, layer_params, rest)(h)
 
-        def stage(chunk: Any, h: jax.Array) -> jax.Array:
-            return jax.lax.scan(remat(layer, self.remat), h, chunk, unroll=self.unroll)[0]
-
-        return params, stage
-
-    def _pipelined(self, x: jax.Array, active: ActivePipeline) -> jax.Array:
-        """Run the stack as the plan's pipeline (the layers are the same; only where they run changes).
-
-        Explicit schedules (1f1b, interleaved) need the loss inside the pipeline
-        (``tx.value_and_grad``); called plainly, as for evaluation or under ``jax.grad``, the
-        same layers run by the forward loop of gpipe/circular, with the same results.
-        """
-        params, stage = self._stage()
-        with jax.named_scope(f"{type(self.layer).__name__}_pipeline"):
-            return pipeline_forward(stage, params, x, self.num_layers, active)
+        return remat(layer, self.remat), params
 
 
 def _create_layers(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -1,7 +1,9 @@
-"""The active sharding context: which rules and mesh `tx.constrain` resolves against.
+"""The active context: which rules and mesh `tx.constrain` resolves against, and how a pipelined
+layer stack runs while ``tx.value_and_grad`` splits a loss around it.
 
-Scoped by context managers (``with rules:``, or the context Titanax enters while tracing a sharded
-forward or training step), never set globally, so a model runs unchanged on one device.
+One thread-local object holds all of it, scoped by context managers (``with rules:``, or the
+context Titanax enters while tracing a sharded forward or training step), never set globally, so
+a model runs unchanged on one device.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from titanax.exceptions import ShardingError
 from titanax.parallel.rules import Rules
 
-__all__ = ["constrain", "constraint_record", "current_rules", "current_mesh", "sharding_context"]
+__all__ = ["constrain", "constraint_record", "current_rules", "current_mesh", "current_stack_split",
+           "sharding_context", "stack_split"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,7 @@ class _Stack(threading.local):
     def __init__(self) -> None:
         self.frames: list[_Frame] = []
         self.records: list[set[str]] = []
+        self.splits: list[Any] = []
 
 
 _STACK = _Stack()
@@ -76,6 +80,23 @@ def constraint_record(axes: set[str]) -> Iterator[set[str]]:
         yield axes
     finally:
         _STACK.records.pop()
+
+
+@contextlib.contextmanager
+def stack_split(split: Any) -> Iterator[Any]:
+    """Inside the block a pipelined layer stack hands its input to ``split`` (its ``record``)
+    instead of running; ``tx.value_and_grad`` uses it to cut a loss into the part before the
+    stack and the part after it. Nothing is raised through model code."""
+    _STACK.splits.append(split)
+    try:
+        yield split
+    finally:
+        _STACK.splits.pop()
+
+
+def current_stack_split() -> Any:
+    """The innermost :func:`stack_split` recorder, or ``None``."""
+    return _STACK.splits[-1] if _STACK.splits else None
 
 
 def _record(spec: PartitionSpec) -> None:

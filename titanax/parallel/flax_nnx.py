@@ -17,6 +17,8 @@ from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel
 from titanax.parallel.annotations import tree_leaves
+from titanax.parallel.layer_order import layer_order_for
+from titanax.parallel.pipeline_stack import find_pipelined_stack, pipeline_model
 from titanax.parallel.sharding import abstract as abstract_like, layout_tree, path_string, place
 from titanax.parallel.tracing import tracing_context
 
@@ -158,9 +160,8 @@ def shard_nnx(model: Any, plan: Plan | None, rules: Rules, mesh: Mesh, *, rng: A
     with tracing_context(rules, mesh):
         shapes = model if built else nnx.eval_shape(lambda: _call_factory(model, rng))
     if plan is not None and plan.pipeline_parallel is not None:
-        from titanax.parallel.pipeline import check_pipelined_model
-
-        check_pipelined_model(shapes, plan.pipeline_parallel)
+        # The visible transform: the model's LayerStack becomes a PipelinedStack (same variables).
+        shapes = pipeline_model(shapes, plan.pipeline_parallel, mesh)
     graphdef, state = nnx.split(shapes)
     if built and not abstract and any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
         raise ShardingError(
@@ -177,23 +178,34 @@ def shard_nnx(model: Any, plan: Plan | None, rules: Rules, mesh: Mesh, *, rng: A
             suggestion="NNX variables must each hold one array",
         )
     state_shardings = jax.tree.unflatten(treedef, layout.shardings)
+    # Under PP(repeats > 1) the stack is stored in pipeline order, so that each device's block of
+    # layers is the chunks it runs and no step moves the stack between devices. Shapes do not
+    # change: the abstract route has nothing to permute.
+    layer_order = None if plan is None or plan.pipeline_parallel is None else \
+        layer_order_for(plan, layout, find_pipelined_stack(shapes).param_prefix)
     if abstract:
         # Shapes only (params= would give the same ones); a built module given here is left as it is.
         module = nnx.merge(graphdef, abstract_like(state, state_shardings))
     elif built:
-        module = model
+        module = shapes  # the model itself, with its stack pipelined under PP
         if params is not None:
             nnx.update(module, params)
-        nnx.update(module, place(nnx.state(module), state_shardings))
+        placed = place(nnx.state(module), state_shardings)
+        if layer_order is not None:
+            placed = layer_order.to_pipeline(placed)[0]
+        nnx.update(module, placed)
     else:
         def create() -> Any:
             built_module = _call_factory(model, rng)
             if params is not None:
                 nnx.update(built_module, params)
-            return nnx.state(built_module)
+            created_state = nnx.state(built_module)
+            # Created (and params= given) in natural order; stored in pipeline order.
+            return created_state if layer_order is None else layer_order.to_pipeline(created_state)[0]
 
         with tracing_context(rules, mesh):
             created = jax.jit(create, out_shardings=state_shardings)()
         module = nnx.merge(graphdef, created)
     return NNXShardedModel(graphdef=graphdef, state_shardings=state_shardings, module=module,
-                           mesh=mesh, plan=plan, rules=rules, layout=layout, abstract=abstract)
+                           mesh=mesh, plan=plan, rules=rules, layout=layout, abstract=abstract,
+                           layer_order=layer_order)

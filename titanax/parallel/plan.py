@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from jax.sharding import Mesh
 
-from titanax.parallel.remat import check_policy
+from titanax.nn.remat import check_policy
 from titanax.exceptions import PlanError
 from titanax.parallel import presets
 from titanax.parallel.rules import Rules
@@ -126,6 +126,13 @@ class PP:
     """Recompute inside each stage in the backward pass: ``none``, ``full``, ``save_dots``,
     ``save_dots_no_batch``."""
 
+    recompute: bool = False
+    """Explicit schedules (``1f1b``, ``interleaved``): the backward slot recomputes the stage from
+    its stashed input instead of reading the residuals its forward slot stashed (less memory:
+    one activation per stashed microbatch instead of every layer's residuals; a forward pass
+    more compute). ``remat`` chooses what the stash keeps in between (``full``: each layer's
+    input only). gpipe and circular keep what autodiff keeps: use ``remat`` there."""
+
     nan_bubbles: bool = False
     """Debug check: feed NaN into every idle (bubble) slot; results must not change."""
 
@@ -139,11 +146,25 @@ class PP:
             raise PlanError(f"PP(schedule={self.schedule!r}) is not a schedule",
                             suggestion=f"use one of {', '.join(SCHEDULES)}")
         check_policy(self.remat, "PP(remat=...)")
+        if self.recompute and self.schedule in ("gpipe", "circular"):
+            raise PlanError(f"PP(recompute=True) applies to the explicit schedules, not {self.schedule!r}",
+                            suggestion="use PP(remat='full') to recompute each stage in gpipe/circular's backward")
+        if self.recompute and self.schedule == "zbh1":
+            raise PlanError("PP(recompute=True) cannot split the backward of zbh1: its input-gradient and "
+                            "weight-gradient slots both read the stashed residuals",
+                            suggestion="use PP(recompute=False) with remat='full' to stash only each layer's input")
         self.schedule_table()  # validates stages, microbatches and repeats
 
     def schedule_table(self) -> Schedule:
         """The schedule as a validated table (tick x stage)."""
         return _schedule(self.schedule, self.stages, self.microbatches, self.repeats)
+
+    def forward_table(self) -> Schedule:
+        """The forward loop a pipelined stack runs when called plainly (evaluation, ``jax.grad``):
+        this schedule for gpipe and circular; for the explicit schedules, whose backward needs the
+        loss inside the loop (``tx.value_and_grad``), gpipe's or circular's over the same chunks."""
+        name = self.schedule if self.schedule in ("gpipe", "circular") else ("gpipe" if self.repeats == 1 else "circular")
+        return _schedule(name, self.stages, self.microbatches, self.repeats)
 
     def resolved_rules(self) -> Rules:
         """The stacked ``layers`` axis over the pipeline axis."""
@@ -153,13 +174,21 @@ class PP:
         """Lines for :meth:`Plan.describe`: schedule, bubble, stash and transfers per step."""
         table = self.schedule_table()
         p, m, v = self.stages, self.microbatches, self.repeats
-        lines = [f"  schedule {self.schedule}: {p} stages x {m} microbatches x {v} repeat(s), "
-                 f"{table.ticks} ticks, remat {self.remat}",
-                 f"  bubble fraction {table.bubble_fraction:.1%}"
-                 + (f" = (p-1)/(v*m+p-1) = {(p - 1) / (v * m + p - 1):.1%}" if table.autodiff else
-                    " (one forward and one backward slot per tick)"),
-                 f"  peak stashed microbatches per stage {table.peak_stash}"
-                 + (" (autodiff keeps every tick's activations)" if table.autodiff else "")]
+        if table.autodiff:
+            bubble = f" = (p-1)/(v*m+p-1) = {(p - 1) / (v * m + p - 1):.1%}"
+            held = " (autodiff keeps every tick's activations)"
+        elif table.split_backward:
+            # Explicit schedules run in lockstep: a tick lasts as long as its busiest stage's slots.
+            bubble = (" (lockstep idle share of slot time, F=B=W=1: backward slots compute input "
+                      "gradients, weight slots the weight gradients)")
+            held = " (forward to weight gradient)"
+        else:
+            bubble = " (lockstep idle share of slot time, F=1, B=2: input + weight gradient)"
+            held = " (forward to backward)"
+        lines = [(f"  schedule {self.schedule}: {p} stages x {m} microbatches x {v} repeat(s), "
+                  f"{table.ticks} ticks, remat {self.remat}"),
+                 f"  bubble fraction {table.bubble_fraction:.1%}{bubble}",
+                 f"  peak stashed microbatches per stage {table.peak_stash}{held}"]
         sends = table.forward_ticks if table.autodiff else table.ticks
         per_step = 2 * sends  # activations forward, cotangents backward
         moved = f"{per_step} microbatch activations per device per step"

@@ -110,11 +110,17 @@ class ShardedModel(abc.ABC):
       layout: per-array :class:`~titanax.parallel.sharding.Layout` (path, spec, bytes).
       abstract: the arrays are ``jax.ShapeDtypeStruct``s carrying their shardings, nothing is
         allocated (``tx.shard(..., abstract=True)``): lower, inspect and describe, but not run.
+      layer_order: under ``PP(repeats=v)`` with ``v > 1``, the
+        :class:`~titanax.parallel.layer_order.LayerOrder` the ``tx.nn.LayerStack`` is stored in:
+        :attr:`params` (and the module's state) then hold the stack in *pipeline order*, each
+        device's block of layers being the chunks it runs, not layers ``0..L-1`` in turn (see
+        :meth:`natural_params`); ``None`` for every other model (natural order).
     """
 
     def __init__(self, *, module: Any, mesh: Mesh, plan: Plan | None, rules: Rules, layout: Layout,
-                 abstract: bool = False):
+                 abstract: bool = False, layer_order: Any = None):
         self.mesh = mesh
+        self.layer_order = layer_order
         self.plan = plan
         self.rules = rules
         self.layout = layout
@@ -197,6 +203,23 @@ class ShardedModel(abc.ABC):
         """Keep state the forward changed (NNX batch statistics, RNG counters)."""
 
     # ------------------------------------------------------------------------ shared parts
+    def natural_params(self, params: Any = None) -> Any:
+        """Parameters with the layer stack in natural order (layer ``i`` at index ``i``), e.g. to
+        compare with the same model sharded by a plan without ``PP(repeats>1)``.
+
+        Args:
+          params: parameters shaped like :attr:`params` (e.g. ``state.params``); default
+            :attr:`params`.
+
+        Returns:
+          ``params`` in natural order, with their shardings (the same tree when
+          :attr:`layer_order` is ``None``).
+        """
+        params = self.params if params is None else params
+        if self.layer_order is None:
+            return params
+        return self.layer_order.to_natural(params)[0]
+
     @property
     def specs(self) -> dict[str, PartitionSpec]:
         """``{path: PartitionSpec}`` for every array of the model."""
@@ -219,15 +242,12 @@ class ShardedModel(abc.ABC):
 
     def tracing(self) -> contextlib.AbstractContextManager[None]:
         """The context to trace model code in (rules, mesh, Flax logical rules)."""
-        pipeline = self.plan.pipeline_parallel if self.plan is not None else None
-        return tracing_context(self.rules, self.mesh, pipeline)
+        return tracing_context(self.rules, self.mesh)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run model code as Titanax traces it (see :func:`~titanax.parallel.tracing.call_model`),
         then check what only the traced program shows."""
-        pipeline = self.plan.pipeline_parallel if self.plan is not None else None
-        out, record = call_model(fn, rules=self.rules, mesh=self.mesh, pipeline=pipeline,
-                                 axis_names=self._axis_names)
+        out, record = call_model(fn, rules=self.rules, mesh=self.mesh, axis_names=self._axis_names)
         self._check_call(record)
         return out
 

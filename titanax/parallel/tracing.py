@@ -4,7 +4,7 @@ Every call of a sharded model's code (``tx.shard``'s forward, ``sm.apply``, ``st
 a step) goes through :func:`call_model`, which
 
 * enters the :func:`tracing_context` (``tx.constrain`` resolves against the plan's rules and mesh,
-  NNX's eager sharding is off, the pipeline is active);
+  NNX's eager sharding is off);
 * binds pmap-style collective axis names (``BatchNorm(axis_name="batch")``, as flax's ImageNet
   ResNet writes it) that GSPMD code has no mesh axis for: under ``jax.jit`` the arrays a model
   sees are the *global* batch, so a batch mean is already the mean over every data-parallel
@@ -40,7 +40,7 @@ _UNBOUND_AXIS = re.compile(r"unbound axis name:? ['\"]?([^\s'\".,]+)")
 
 
 @contextlib.contextmanager
-def tracing_context(rules: Rules, mesh: Mesh, pipeline: Any = None) -> Iterator[None]:
+def tracing_context(rules: Rules, mesh: Mesh) -> Iterator[None]:
     """What model code sees while Titanax traces it on ``mesh``.
 
     ``tx.constrain`` resolves against ``rules`` and ``mesh``. NNX's eager sharding is off because
@@ -48,9 +48,7 @@ def tracing_context(rules: Rules, mesh: Mesh, pipeline: Any = None) -> Iterator[
     deliberately not entered: with both active, Linen's boxed initializers constrain parameters
     mid-construction (``DenseGeneral`` under ``nn.scan`` then fails on its flattened kernel).
     """
-    from titanax.parallel.pipeline import pipeline_context
-
-    with sharding_context(rules, mesh), nnx.use_eager_sharding(False), pipeline_context(pipeline, mesh):
+    with sharding_context(rules, mesh), nnx.use_eager_sharding(False):
         yield
 
 
@@ -82,7 +80,7 @@ class _FlaxRulesProbe(tuple):
         return False
 
 
-def call_model(fn: Callable[[], T], *, rules: Rules, mesh: Mesh, pipeline: Any = None,
+def call_model(fn: Callable[[], T], *, rules: Rules, mesh: Mesh,
                axis_names: set[str]) -> tuple[T, CallRecord]:
     """Run ``fn`` (model code, traced or eager) in Titanax's tracing context.
 
@@ -91,7 +89,6 @@ def call_model(fn: Callable[[], T], *, rules: Rules, mesh: Mesh, pipeline: Any =
         result) because it may run inside ``jax.vmap``.
       rules: the rules ``tx.constrain`` resolves against.
       mesh: the mesh.
-      pipeline: the plan's ``PP`` part, or ``None``.
       axis_names: pmap-style axis names already found in this model; names the call turns out to
         need are added, so later calls bind them up front.
 
@@ -106,7 +103,7 @@ def call_model(fn: Callable[[], T], *, rules: Rules, mesh: Mesh, pipeline: Any =
     probe = _FlaxRulesProbe(record) if not flax_spmd.get_logical_axis_rules() else None
     while True:
         try:
-            with tracing_context(rules, mesh, pipeline), constraint_record(record.constrained_axes), \
+            with tracing_context(rules, mesh), constraint_record(record.constrained_axes), \
                     (flax_spmd.logical_axis_rules(probe) if probe is not None else contextlib.nullcontext()):
                 return _bind_axis_names(fn, sorted(axis_names))(), record
         except NameError as err:
