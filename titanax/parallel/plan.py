@@ -120,7 +120,7 @@ class PP:
     stage-to-stage transfers."""
 
     schedule: str = "gpipe"
-    """``gpipe``, ``circular``, ``1f1b`` or ``interleaved`` (see ``titanax.parallel.schedules``)."""
+    """``gpipe``, ``circular``, ``1f1b``, ``interleaved`` or ``zbh1`` (see ``titanax.parallel.schedules``)."""
 
     remat: str = "none"
     """Recompute inside each stage in the backward pass: ``none``, ``full``, ``save_dots``,
