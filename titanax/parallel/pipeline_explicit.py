@@ -167,30 +167,43 @@ def compile_schedule(schedule: Schedule, *, recompute: bool = False) -> Program:
 # ----------------------------------------------------------------------- stashed residuals
 class _Residuals:
     """One layer's ``jax.vjp`` residuals, split into what must be stashed per microbatch and what
-    is the layer's own parameters (read again from the chunk, never copied)."""
+    is the layer's own parameters (read again from the chunk, never copied).
+
+    Stashed residuals of the same shape and dtype travel stacked, one array per group: every
+    stash buffer costs a write and a read (a kernel each) on every tick, and a transformer layer
+    has dozens of residuals but a handful of distinct shapes.
+    """
 
     def __init__(self, layer: Callable[[jax.Array, Any], jax.Array], axis: str) -> None:
         self.layer, self.axis = layer, axis
         self.treedef: Any = None
         self.kinds: tuple[int | None, ...] = ()
+        self.groups: tuple[tuple[int, ...], ...] = ()
 
     def forward(self, h: jax.Array, layer_params: Any) -> tuple[jax.Array, list[jax.Array]]:
-        """``(y, stashed residuals)`` of one layer."""
+        """``(y, stashed residuals, grouped)`` of one layer."""
         y, pullback = jax.vjp(self.layer, h, layer_params)
         leaves, treedef = jax.tree.flatten(pullback)
         # jax.vjp keeps a parameter it needs as the very input array: found by identity.
         param_index = {id(leaf): j for j, leaf in enumerate(jax.tree.leaves(layer_params))}
         kinds = tuple(param_index.get(id(leaf)) for leaf in leaves)
+        stashed = [leaf for leaf, kind in zip(leaves, kinds) if kind is None]
         if self.treedef is None:
-            self.treedef, self.kinds = treedef, kinds
+            by_type: dict[tuple[Any, ...], list[int]] = {}
+            for i, leaf in enumerate(stashed):
+                by_type.setdefault((jnp.shape(leaf), jnp.result_type(leaf)), []).append(i)
+            self.treedef, self.kinds, self.groups = treedef, kinds, tuple(map(tuple, by_type.values()))
         elif kinds != self.kinds:
             raise PlanError("a pipelined layer's residuals changed between traces",
                             suggestion="use PP(recompute=True) for this model")
-        return y, [as_varying(leaf, self.axis) for leaf, kind in zip(leaves, kinds) if kind is None]
+        return y, [as_varying(jnp.stack([stashed[i] for i in group]), self.axis) for group in self.groups]
 
     def pullback(self, layer_params: Any, stashed: Sequence[jax.Array]) -> Callable[[jax.Array], Any]:
         params = jax.tree.leaves(layer_params)
-        rest = iter(stashed)
+        flat: dict[int, jax.Array] = {}
+        for group, stacked in zip(self.groups, stashed):
+            flat.update((i, stacked[j]) for j, i in enumerate(group))
+        rest = iter(flat[i] for i in range(len(flat)))
         leaves = [params[kind] if kind is not None else next(rest) for kind in self.kinds]
         return jax.tree.unflatten(self.treedef, leaves)
 
