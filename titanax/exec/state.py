@@ -17,6 +17,7 @@ from titanax.exec.precision import LossScale, Precision, scale_cotangent
 from titanax.optim import as_optimizer
 from titanax.parallel.rules import Rules
 from titanax.parallel.shard import ShardedModel
+from titanax.parallel.opt_slots import kept_dims, map_param_slots
 from titanax.parallel.sharding import abstract, path_string
 
 __all__ = ["TrainState", "all_finite", "create_train_state"]
@@ -212,49 +213,19 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_st
     def for_slot(slot: Any, param: Any, sharding: NamedSharding) -> NamedSharding:
         return _slot_sharding(tuple(slot.shape), tuple(param.shape), sharding, replicated)
 
-    try:
-        return optax.tree_map_params(optimizer, for_slot, abstract_opt_state, abstract_params,
-                                     param_shardings, transform_non_params=lambda _: replicated)
-    except (ValueError, TypeError, AttributeError):
-        pass  # an init that maps over the parameters leaf by leaf: match by path below
-    by_path = {}
-    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-                                      jax.tree.leaves(param_shardings)):
-        by_path[path_string(path)] = (tuple(leaf.shape), sharding)
-
-    def pick(path: tuple, leaf: Any) -> NamedSharding:
-        parts = path_string(path).split("/")
-        for start in range(len(parts)):  # the longest matching path suffix is the parameter
-            match = by_path.get("/".join(parts[start:]))
-            if match is not None:
-                return _slot_sharding(tuple(leaf.shape), match[0], match[1], replicated)
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+    return map_param_slots(optimizer, for_slot, abstract_opt_state, abstract_params, param_shardings,
+                           other=lambda _: replicated)
 
 
 def _slot_sharding(slot_shape: tuple, param_shape: tuple, sharding: NamedSharding,
                    replicated: NamedSharding) -> NamedSharding:
     if slot_shape == param_shape:
         return sharding
-    kept = _kept_dims(slot_shape, param_shape)
+    kept = kept_dims(slot_shape, param_shape)
     if kept is None or not slot_shape:
         return replicated
     spec = tuple(sharding.spec) + (None,) * (len(param_shape) - len(sharding.spec))
     return NamedSharding(sharding.mesh, PartitionSpec(*(spec[i] for i in kept)))
-
-
-def _kept_dims(slot_shape: tuple, param_shape: tuple) -> tuple[int, ...] | None:
-    """The parameter dimensions a factored slot kept (its shape is theirs, in order), if any."""
-    kept, i = [], 0
-    for size in slot_shape:
-        while i < len(param_shape) and param_shape[i] != size:
-            i += 1
-        if i == len(param_shape):
-            return None
-        kept.append(i)
-        i += 1
-    return tuple(kept)
 
 
 def create_train_state(

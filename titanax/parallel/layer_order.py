@@ -24,6 +24,9 @@ import jax
 import numpy as np
 
 from titanax.exceptions import PlanError
+from titanax.nn.stack import LAYERS
+from titanax.parallel.annotations import tree_leaves
+from titanax.parallel.opt_slots import kept_dims, map_param_slots
 from titanax.parallel.sharding import Layout, path_string
 
 __all__ = ["LayerOrder", "layer_order_for", "stack_paths"]
@@ -168,40 +171,22 @@ def _slot_flags(optimizer: Any, opt_state: Any, params: Any, param_flags: list[b
 
     A slot that dropped the layer dim (a factored statistic reduced over layers) holds nothing per
     layer and is left as it is; so is every non-parameter leaf (step counts). Slots are found as
-    :func:`titanax.exec.state.opt_state_shardings` finds them: structurally with
-    ``optax.tree_map_params``, else (optimizers that initialise leaf by leaf) by parameter path.
+    :func:`titanax.exec.state.opt_state_shardings` finds them (:func:`map_param_slots`).
     A factored slot whose shape matches the parameter's in two ways (e.g. ``[L]`` of an
     ``[L, L]`` parameter) is taken to keep dim 0.
     """
-    import optax
-
-    from titanax.exec.state import _kept_dims
-
     def keeps_layers(slot: Any, param: Any, flag: bool) -> bool:
         if not flag or not hasattr(slot, "shape"):
             return False
         slot_shape, param_shape = tuple(slot.shape), tuple(param.shape)
         if slot_shape == param_shape:
             return True
-        kept = _kept_dims(slot_shape, param_shape)
+        kept = kept_dims(slot_shape, param_shape)
         return bool(kept) and kept[0] == 0 and slot_shape[0] == num_layers
 
     flag_tree = jax.tree.unflatten(jax.tree.structure(params), param_flags)
-    try:
-        tree = optax.tree_map_params(optimizer, keeps_layers, opt_state, params, flag_tree,
-                                     transform_non_params=lambda v: jax.tree.map(lambda _: False, v))
-        return list(jax.tree.leaves(tree))
-    except (ValueError, TypeError, AttributeError):
-        pass  # an init that maps over the parameters leaf by leaf: match by path below
-    by_path = {path_string(path): (leaf, flag) for (path, leaf), flag
-               in zip(jax.tree_util.tree_flatten_with_path(params)[0], param_flags)}
-    flags = []
-    for path, slot in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        parts = path_string(path).split("/")
-        match = next((by_path[key] for start in range(len(parts))  # longest suffix first
-                      if (key := "/".join(parts[start:])) in by_path), None)
-        flags.append(match is not None and keeps_layers(slot, *match))
-    return flags
+    return list(jax.tree.leaves(map_param_slots(optimizer, keeps_layers, opt_state, params, flag_tree,
+                                                other=lambda _: False)))
 
 
 def stack_paths(layout_or_state: Layout | Any) -> tuple[str, ...]:
@@ -214,13 +199,9 @@ def stack_paths(layout_or_state: Layout | Any) -> tuple[str, ...]:
     Returns:
       The paths, in tree order.
     """
-    from titanax.nn.stack import LAYERS
-
     if isinstance(layout_or_state, Layout):
         entries: Sequence[Any] = layout_or_state.entries
     else:
-        from titanax.parallel.annotations import tree_leaves
-
         entries = tree_leaves(layout_or_state)
     return tuple(e.path for e in entries if e.names and e.names[0] == LAYERS and e.shape)
 
