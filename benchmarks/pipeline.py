@@ -11,7 +11,9 @@ and cut into ``m`` microbatches. Every figure comes from this one run:
 * **executed FLOPs per device**: a slot computes only when the table marks it busy (idle slots
   run under ``lax.cond`` and cost nothing), so the busiest stage executes, per step, its busy
   slots times each slot's FLOPs. Slot FLOPs come from the one-device programs compiled here
-  with every layer unrolled (XLA's cost analysis counts a loop body once): ``S_f`` the stack's
+  with every layer unrolled (each layer's FLOPs then XLA's own count; ``tx.profiling.inspect``
+  of the compiled pipeline counts every tick's ``lax.cond`` at its busy branch, an upper bound
+  that includes the bubble, so the table is the measure here): ``S_f`` the stack's
   forward, ``S`` its forward and backward, ``R`` the rest (embedding, head, loss, both ways). A
   forward slot is ``S_f / (v p m)``, a backward (B + W) slot ``(S - S_f) / (v p m)`` plus ``S_f / (v p m)``
   when it recomputes; the head and loss run per microbatch on the last stage (``R``); gpipe and

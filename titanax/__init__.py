@@ -1,13 +1,21 @@
 """Titanax: train a single-device Flax model on many devices by describing the parallelism.
 
 Example:
-  >>> import titanax as tx
-  >>> mesh = tx.MeshSpec(axes=("data",)).build()                       # doctest: +SKIP
-  >>> sm = tx.shard(model, tx.Plan(data_parallel=tx.DP(axis="data")), mesh, example=x)
-  >>> print(sm.describe())
+  >>> import flax.linen as nn, jax.numpy as jnp, titanax as tx
+  >>> mesh = tx.MeshSpec(axes=("data",)).build()          # every device (here 8 simulated CPUs)
+  >>> x = jnp.ones((16, 4))
+  >>> sm = tx.shard(nn.Dense(8), tx.Plan(data_parallel=tx.DP(axis="data")), mesh, example=x)
+  >>> sm(x).shape                                         # the batch split over the 8 devices
+  (16, 8)
+  >>> print(sm.describe())                                # doctest: +ELLIPSIS
+  Plan
+    DP    over 'data' (8 devices)
+  ...
+  kernel  4x8    float32  -             P(None, None)       128 B  128 B
+  ...
 """
 
-from titanax import data, exceptions, io, logging, nn, optim, profiling
+from titanax import config, data, exceptions, io, logging, nn, optim, parallel, profiling, runtime
 from titanax.exceptions import (
     CheckpointError,
     CollectiveError,
@@ -21,7 +29,6 @@ from titanax.exceptions import (
     TitanaxWarning,
 )
 from titanax.exec import (
-    CheckpointHook,
     Engine,
     LossScale,
     Precision,
@@ -32,22 +39,37 @@ from titanax.exec import (
     step_fn,
     value_and_grad,
 )
-from titanax.parallel import presets as rules
-from titanax.parallel.context import constrain, sharding_context
-from titanax.parallel.plan import DP, FSDP, PP, TP, Plan
-from titanax.parallel.rules import Rules
-from titanax.parallel.shard import ShardedModel, shard, tree_layout, tree_shardings
-from titanax import config, runtime
+from titanax.parallel import (
+    DP,
+    FSDP,
+    PP,
+    TP,
+    Plan,
+    Rules,
+    ShardedModel,
+    constrain,
+    presets,
+    shard,
+    sharding_context,
+    tree_layout,
+    tree_shardings,
+)
 from titanax.runtime import MeshSpec, ProcessGroups, initialize, simulate_cpu_devices
-
-__version__ = "0.1.0"
+from titanax.version import __version__
 
 __all__ = [
-    "CheckpointError", "CollectiveError", "ConfigError", "DistributedError", "MeshError", "NonFiniteError", "PlanError", "ShardingError", "TitanaxError",
-    "TitanaxWarning", "exceptions", "profiling", "rules", "constrain", "sharding_context",
-    "DP", "FSDP", "PP", "TP", "Plan", "Rules", "ShardedModel", "shard", "tree_layout", "tree_shardings",
-    "MeshSpec", "ProcessGroups", "nn",
-    "initialize", "simulate_cpu_devices", "runtime", "config", "data", "io", "logging", "optim", "CheckpointHook",
-    "Engine", "LossScale", "Precision", "StepFunction", "TrainState", "collectives",
-    "create_train_state", "step_fn", "value_and_grad", "__version__",
+    # devices and meshes
+    "simulate_cpu_devices", "initialize", "MeshSpec", "ProcessGroups",
+    # layout
+    "Rules", "presets", "DP", "FSDP", "TP", "PP", "Plan", "shard", "ShardedModel",
+    "tree_layout", "tree_shardings", "constrain", "sharding_context",
+    # training
+    "Engine", "TrainState", "create_train_state", "step_fn", "StepFunction", "value_and_grad",
+    "Precision", "LossScale", "collectives",
+    # errors
+    "TitanaxError", "MeshError", "PlanError", "ShardingError", "CollectiveError", "DistributedError",
+    "CheckpointError", "ConfigError", "NonFiniteError", "TitanaxWarning",
+    # packages
+    "runtime", "parallel", "nn", "optim", "data", "io", "logging", "profiling", "config", "exceptions",
+    "__version__",
 ]

@@ -76,6 +76,20 @@ def _warnings_as_lines() -> None:
     warnings.showwarning = show
 
 
+def _log_lines() -> None:
+    """Show the ``titanax`` logger's messages (the step resumed from, a preemption) as
+    ``titanax: ...`` lines on stderr; the library itself configures no handler."""
+    import logging
+
+    logger = logging.getLogger("titanax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("titanax: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def _start(config: str, overrides: list[str] | None, cpu_devices: int | None, *,
            default_devices: Any = None) -> Any:
     """Read the configuration, then start JAX: simulated devices first, then ``jax.distributed``."""
@@ -83,6 +97,7 @@ def _start(config: str, overrides: list[str] | None, cpu_devices: int | None, *,
     from titanax import config as txconfig
 
     _warnings_as_lines()
+    _log_lines()
 
     if os.getcwd() not in sys.path:  # import paths in the config resolve from here, as with `python -m`
         sys.path.insert(0, os.getcwd())
@@ -157,7 +172,7 @@ def _with_cpu_devices_hint(error: BaseException, cfg: Any) -> BaseException:
     else:
         return error
     hint = f"simulate {want} devices on the CPU with {flag}"
-    hinted = type(error)(error.message, suggestion=hint + (f"; or {error.suggestion}" if error.suggestion else ""))
+    hinted = error.replace(suggestion=hint + (f"; or {error.suggestion}" if error.suggestion else ""))
     hinted.__cause__ = error  # --debug shows where the mesh error came from
     return hinted
 

@@ -13,6 +13,7 @@ batches an uninterrupted one would. SIGTERM or Ctrl-C saves the current step and
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--sleep", type=float, default=0.0, help="pause per step (to try SIGTERM)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the engine's resume line
     tx.simulate_cpu_devices(args.devices)
 
     from examples.mnist_dp.data import load_dataset
@@ -66,6 +68,8 @@ def main() -> None:
 
     loader = tx.data.ArrayLoader({"image": x, "label": y}, batch_size=64, seed=0)
     state = engine.fit(train_step, loader, steps=args.steps, hooks=[report])
+    if engine.stopped_by is not None:  # preempted: the step is saved; rerunning resumes it
+        return
     print(f"DONE {int(state.step)} {checkpoint.all_steps()}", flush=True)
 
 

@@ -91,8 +91,8 @@ def test_the_step_compiles_once_per_batch_shape_and_layout(mesh):
 def slot_specs(optimizer, mesh):
     sm = tx.shard(tiny, PLAN, mesh, abstract=True)
     state = tx.create_train_state(sm, optimizer)
-    params = {tx.parallel.sharding.path_string(p): x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
-    slots = [(tx.parallel.sharding.path_string(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+    params = {tx.parallel.layout.path_string(p): x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    slots = [(tx.parallel.layout.path_string(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
     return params, slots
 
 

@@ -4,6 +4,7 @@ and SIGKILL, corruption, retention, and asynchronous saves."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pathlib
 import shutil
@@ -74,7 +75,7 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(scratch, tmp_path,
     reference, _ = uninterrupted(source, scratch)
     directory = stopped_at(source, scratch, 10, tmp_path / "run")
     run = worker("--dir", str(directory), "--layout", target, "--devices", devices, "--steps", "20", "--every", "5")
-    assert f"resumed from the checkpoint of step 10 in {directory}" in run.stdout, run.stdout[-2000:]
+    assert f"resumed from the checkpoint of step 10 in {directory}" in run.stderr, run.stderr[-2000:]
     resumed = losses(run)
     assert sorted(resumed) == list(range(11, 21)), "resumes at step 11 with the next unseen batch"
     got = [resumed[s] for s in range(11, 21)]
@@ -295,7 +296,7 @@ def test_keep_best_refuses_a_run_that_cannot_log_its_metric(tmp_path):
     accuracy.close()
 
 
-def test_sigterm_during_a_keep_best_run_saves_and_resumes(tmp_path, capsys):
+def test_sigterm_during_a_keep_best_run_saves_and_resumes(tmp_path, caplog):
     """keep_best ranks by an evaluation that has not run yet: the due save at step 2 and the one
     SIGTERM forces are on disk anyway, and the run resumes."""
     import jax.numpy as jnp
@@ -332,16 +333,18 @@ def test_sigterm_during_a_keep_best_run_saves_and_resumes(tmp_path, capsys):
             on_disk_before_sigterm.extend(first.checkpoint.all_steps())
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(SystemExit) as stopped:
-        fit(first, 50, hooks=[preempt])
-    assert stopped.value.code == 0
+    with caplog.at_level(logging.INFO, logger="titanax"):
+        stopped = fit(first, 50, hooks=[preempt])
+    assert first.stopped_by == "SIGTERM" and int(stopped.step) == 4  # returned; the caller decides
+    assert "stopped by SIGTERM at step 4" in caplog.text
     assert on_disk_before_sigterm == [2]  # saved when due, though it carries no eval/loss
     on_disk = tx.io.OrbaxCheckpoint(directory)
     assert on_disk.all_steps() == [4]  # the step the signal stopped at
     on_disk.close()
-    capsys.readouterr()
-    state = fit(engine(), 6)
-    assert "resumed from the checkpoint of step 4" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="titanax"):
+        state = fit(engine(), 6)
+    assert "resumed from the checkpoint of step 4" in caplog.text
     assert int(state.step) == 6
 
 

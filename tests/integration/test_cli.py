@@ -138,15 +138,15 @@ CASES: dict[str, tuple[Callable[[dict], None] | str | None, tuple[str, ...], tup
     "axis-not-in-mesh": (with_("plan.data_parallel.axis", "batch"), (),
                          ("plan.data_parallel.axis='batch'", "names an axis the mesh", "use one of ['data']")),
     "mesh-larger-than-devices": (sections(mesh={"axes": ["data", "tensor"], "shape": [4, 4]}, plan=TP_PLAN), (),
-                                 ("mesh.shape [4, 4]", "needs 16 devices but 8 are available",
+                                 ("mesh.shape=[4, 4]", "needs 16 devices but 8 are available",
                                   "simulate 16 devices on the CPU with --cpu-devices 16")),
     "mesh-not-dividing-devices": (sections(mesh={"axes": ["data", "tensor"], "shape": [-1, 3]}, plan=TP_PLAN), (),
-                                  ("mesh.shape [-1, 3]", "cannot split 8 devices", "--cpu-devices 9")),
+                                  ("mesh.shape=[-1, 3]", "cannot split 8 devices", "--cpu-devices 9")),
     "mesh-shape-length": (with_("mesh.shape", [2, 4]), (), ("mesh.shape [2, 4] has 2 entries for 1 axes",)),
     "axis-unused-by-plan": (sections(mesh=TP_MESH, plan={"data_parallel": {"axis": "data"}}), (),
-                            ("mesh axis 'tensor'", "plan.data_parallel: {axis: 'tensor'}")),
+                            ("mesh.axes=['data', 'tensor']", "mesh axis 'tensor'", "data_parallel=tx.DP(axis='tensor')")),
     "two-parts-one-axis": (with_("plan.fsdp", {"axis": "data"}), (),
-                           ("plan.data_parallel and plan.fsdp both use mesh axis 'data'",)),
+                           ("plan.fsdp.axis='data'", "DP and FSDP both use mesh axis 'data'")),
     "missing-model-module": (with_("model.factory", "examples.no_such_example.model:CNN"), (),
                              ("model.factory=", "module 'examples.no_such_example' cannot be found")),
     "missing-model-attribute": (with_("model.factory", "examples.mnist_dp.model:CNNN"), (),
@@ -317,7 +317,7 @@ def test_fresh_process_mesh_error(tmp_path):
     path = write_config(tmp_path, sections(mesh={"axes": ["data", "tensor"], "shape": [4, 4]}, plan=TP_PLAN))
     result = run_cli("describe", str(path), "--cpu-devices", "8")
     assert result.returncode == EXIT_CONFIG_ERROR, result.stderr
-    assert_one_paragraph(result.stderr, "mesh.shape [4, 4]", "needs 16 devices but 8 are available")
+    assert_one_paragraph(result.stderr, "mesh.shape=[4, 4]", "needs 16 devices but 8 are available")
 
 
 def test_debug_shows_the_traceback(tmp_path):

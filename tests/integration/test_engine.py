@@ -295,7 +295,7 @@ def test_throughput_and_mfu_from_given_or_compiled_flops():
 
 def test_max_steps_in_flight_must_be_positive():
     mesh = tx.MeshSpec(axes=("data",)).build()
-    with pytest.raises(tx.PlanError, match="max_steps_in_flight") as error:
+    with pytest.raises(tx.ConfigError, match="max_steps_in_flight") as error:
         tx.Engine(mesh=mesh, plan=tx.Plan(data_parallel=tx.DP()), optimizer=tx.optim.sgd(0.1),
                   max_steps_in_flight=0)
     assert error.value.suggestion

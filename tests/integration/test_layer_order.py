@@ -13,7 +13,7 @@ from flax import nnx
 
 import titanax as tx
 from titanax.parallel.layer_order import LayerOrder
-from titanax.parallel.sharding import path_string
+from titanax.parallel.layout import path_string
 
 LAYERS, P, V = 12, 2, 3  # layers, stages, repeats: chunks of 12 / (2 * 3) = 2 layers (p != v:
 # the conversion is then not its own inverse)

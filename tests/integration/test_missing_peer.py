@@ -19,8 +19,8 @@ import pytest
 
 from titanax.exceptions import DistributedError
 from titanax.launch import free_port
+from titanax.runtime import ClusterSpec, initialize
 from titanax.runtime import distributed as dist
-from titanax.runtime.distributed import ClusterSpec, initialize
 
 
 @pytest.fixture

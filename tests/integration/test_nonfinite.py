@@ -101,7 +101,7 @@ def test_consecutive_bad_steps_up_to_the_limit_stop_the_run():
 
 
 def test_on_nonfinite_must_be_a_positive_integer():
-    with pytest.raises(tx.PlanError, match="on_nonfinite"):
+    with pytest.raises(tx.ConfigError, match="on_nonfinite"):
         engine(on_nonfinite=0)
     assert engine().on_nonfinite == 1
     assert engine(precision=tx.Precision(compute="float16", loss_scale="dynamic")).on_nonfinite == 17

@@ -123,7 +123,7 @@ def test_forward_and_gradients_match_one_device(case, layout_name):
 
 def _leaf(tree, path):
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if tx.parallel.sharding.path_string(key_path) == path:
+        if tx.parallel.layout.path_string(key_path) == path:
             return leaf
     raise KeyError(path)
 

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import models
 import pytest
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import titanax as tx
 from titanax.exceptions import TitanaxError
 from titanax.profiling import (
     COLLECTIVE_KINDS,
@@ -22,7 +26,8 @@ from titanax.profiling import (
     inspect,
     shape_bytes,
 )
-from titanax.profiling.compiled import _count, _stats_from
+from titanax.profiling.collectives import _count
+from titanax.profiling.compiled import _stats_from
 
 F32 = 4
 
@@ -329,6 +334,94 @@ ENTRY %main (x: f32[4]) -> f32[4] {
     # 4 trips x (the `large` branch of the case + the `small` branch of the if).
     assert stats["all-gather"] == CollectiveStats(8, 4 * (32 + 256), 2, 32 + 256)
     assert stats["all-reduce"] == CollectiveStats(4, 4 * 16, 1, 16)
+    assert _stats_from(None, None, text).conditionals == 2
+
+
+# ------------------------------------------------------------------- cost of one run, loops too
+
+# ENTRY: a dot (2 * 8 * 4 * 16 = 1024 FLOPs) and a while of 5 trips whose body runs a fusion holding
+# a dot (2 * 8 * 16 * 16 = 4096) and a tanh (128 transcendentals), a conditional whose heavier
+# branch negates 128 elements, and the counter's add; the condition compares once per trip plus once.
+ONE_TRIP = 4096 + 128 + 1
+COSTED_LOOP = """HloModule jit_costed, num_partitions=1
+
+%fused_dot (a: f32[8,16], b: f32[16,16]) -> f32[8,16] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,16]{1,0} parameter(1)
+  %d = f32[8,16]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = f32[8,16]{1,0} tanh(%d)
+}
+
+%light (x: f32[8,16]) -> f32[8,16] {
+  ROOT %x = f32[8,16]{1,0} parameter(0)
+}
+
+%heavy (y: f32[8,16]) -> f32[8,16] {
+  %y = f32[8,16]{1,0} parameter(0)
+  ROOT %n = f32[8,16]{1,0} negate(%y)
+}
+
+%body (c: (s32[], f32[8,16], f32[16,16], pred[])) -> (s32[], f32[8,16], f32[16,16], pred[]) {
+  %c = (s32[], f32[8,16]{1,0}, f32[16,16]{1,0}, pred[]) parameter(0)
+  %i = s32[] get-tuple-element(%c), index=0
+  %h = f32[8,16]{1,0} get-tuple-element(%c), index=1
+  %w = f32[16,16]{1,0} get-tuple-element(%c), index=2
+  %p = pred[] get-tuple-element(%c), index=3
+  %f = f32[8,16]{1,0} fusion(%h, %w), kind=kOutput, calls=%fused_dot
+  %k = f32[8,16]{1,0} conditional(%p, %f, %f), true_computation=%heavy, false_computation=%light
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %r = (s32[], f32[8,16]{1,0}, f32[16,16]{1,0}, pred[]) tuple(%next, %k, %w, %p)
+}
+
+%cond (c.1: (s32[], f32[8,16], f32[16,16], pred[])) -> pred[] {
+  %c.1 = (s32[], f32[8,16]{1,0}, f32[16,16]{1,0}, pred[]) parameter(0)
+  %i.1 = s32[] get-tuple-element(%c.1), index=0
+  %n.1 = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i.1, %n.1), direction=LT
+}
+
+ENTRY %main (x: f32[8,4], v: f32[4,16], w: f32[16,16], p: pred[]) -> f32[8,16] {
+  %x = f32[8,4]{1,0} parameter(0)
+  %v = f32[4,16]{1,0} parameter(1)
+  %w = f32[16,16]{1,0} parameter(2)
+  %p = pred[] parameter(3)
+  %h0 = f32[8,16]{1,0} dot(%x, %v), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %z = s32[] constant(0)
+  %t0 = (s32[], f32[8,16]{1,0}, f32[16,16]{1,0}, pred[]) tuple(%z, %h0, %w, %p)
+  %loop = (s32[], f32[8,16]{1,0}, f32[16,16]{1,0}, pred[]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %out = f32[8,16]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_loop_bodies_are_costed_once_per_trip_on_top_of_xlas_figure():
+    once_flops = 1024 + ONE_TRIP + 1  # XLA: the entry's dot, one body, one condition
+    per_run = 1024 + 5 * ONE_TRIP + 6
+    stats = _stats_from(None, {"flops": float(once_flops), "transcendentals": 128.0,
+                               "bytes accessed": 1000.0}, COSTED_LOOP)
+    assert (stats.xla_flops, stats.flops) == (once_flops, per_run)
+    assert (stats.xla_transcendentals, stats.transcendentals) == (128, 5 * 128)
+    # XLA's own byte count is kept; the walk adds the 4 trips XLA left out, as it costs them.
+    assert stats.bytes_accessed > stats.xla_bytes_accessed == 1000.0
+    assert (stats.unknown_trip_loops, stats.conditionals) == (0, 1)
+    text = stats.describe()
+    assert "XLA counts" in text and "at most: 1 conditional counted at its heaviest branch" in text
+    # Without a cost analysis, the restatement of XLA's cost model stands alone.
+    assert _stats_from(None, None, COSTED_LOOP).flops == per_run
+    # A backend whose cost model already counted every trip is not corrected twice.
+    assert _stats_from(None, {"flops": float(per_run)}, COSTED_LOOP).flops == per_run
+
+
+def test_trip_count_is_read_off_a_counted_loop_without_xlas_annotation():
+    unannotated = COSTED_LOOP.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
+    stats = _stats_from(None, None, unannotated)
+    assert stats.flops == 1024 + 5 * ONE_TRIP + 6 and stats.unknown_trip_loops == 0
+    # A bound that is not a constant leaves the count unknown: the body counts once.
+    unknown = unannotated.replace("%n.1 = s32[] constant(5)", "%n.1 = s32[] get-tuple-element(%c.1), index=0")
+    stats = _stats_from(None, None, unknown)
+    assert stats.flops == 1024 + ONE_TRIP + 1 and stats.unknown_trip_loops == 1
+    assert "at least: 1 loop of unknown trip count" in stats.describe()
 
 
 def test_parser_lowered_text_without_percent_signs_and_deep_nesting():
@@ -554,7 +647,7 @@ def test_peak_bytes_matches_memory_analysis(devices8):
                                      - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
 
 
-def test_scan_body_is_costed_once_but_its_collectives_counted_per_trip(devices8):
+def test_scan_body_cost_and_collectives_are_counted_once_per_trip(devices8):
     mesh = _mesh((8,), ("d",))
     n, trips = 64, 10
 
@@ -565,9 +658,12 @@ def test_scan_body_is_costed_once_but_its_collectives_counted_per_trip(devices8)
 
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P()))
     stats = inspect(f.lower(_sds((8 * n, n), NamedSharding(mesh, P("d")))).compile())
-    one_matmul = 2 * n**3
-    # XLA's cost model visits the loop body once: about one matmul, not `trips` of them.
-    assert one_matmul <= stats.flops < 2 * one_matmul
+    one_trip = 2 * n**3 + n * n  # the matmul, then the all-reduce's adds
+    # XLA's cost model visits the loop body once: about one trip's FLOPs...
+    assert one_trip <= stats.xla_flops < 2 * one_trip
+    # ... inspect adds the other trips: the psum before the loop, `trips` bodies, the loop counter.
+    assert stats.flops == pytest.approx(n * n + trips * one_trip, rel=1e-4)
+    assert stats.bytes_accessed > 5 * stats.xla_bytes_accessed
     # One psum before the loop, one inside its body: the body's runs once per trip.
     assert stats.count("all-reduce") == 1 + trips
     assert stats.bytes("all-reduce") == (1 + trips) * n * n * F32
@@ -613,6 +709,94 @@ def test_scanned_stack_moves_as_many_bytes_per_step_as_the_unrolled_one(devices8
     assert scanned.unknown_trip_loops == unrolled.unknown_trip_loops == 0
     # Reading the scanned program's text once per appearance sees one layer's worth.
     assert sum(s.static_bytes for s in scanned.collectives.values()) * layers == scanned.total_collective_bytes
+    # FLOPs too: every (inner) loop body once per trip, as many as the unrolled stack's.
+    assert scanned.flops == pytest.approx(unrolled.flops, rel=0.02)
+    assert scanned.xla_flops < 0.5 * unrolled.flops  # XLA's own count visits each body once
+
+
+def test_counted_loops_in_lowered_text_are_counted_per_trip(devices8):
+    # Lowered (not optimized) text carries no known_trip_count: the counts come from each loop's
+    # constant start, step and bound, and agree with the compiled program's.
+    mesh = _mesh((8,), ("d",))
+
+    def body(x):
+        def step(c, _):
+            return jax.lax.psum(c @ x, "d"), None
+        c = jax.lax.scan(step, jax.lax.psum(x, "d"), None, length=10)[0]
+        return jax.lax.fori_loop(3, 12, lambda i, c: jax.lax.psum(c, "d") * 2, c)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P()))
+    lowered = f.lower(_sds((64, 8), NamedSharding(mesh, P("d"))))
+    stats, unknown_trip_loops = _count(lowered.as_text(dialect="hlo"))
+    assert stats["all-reduce"] == CollectiveStats(1 + 10 + 9, 20 * 8 * 8 * F32, 3, 3 * 8 * 8 * F32)
+    assert unknown_trip_loops == 0
+    assert count_collectives(lowered.compile().as_text())["all-reduce"].count == 20
+
+
+class _Residual(nnx.Module):
+    """A Megatron MLP block with a residual: column- then row-parallel under TP, so each layer
+    ends in one all-reduce of its [batch, embed] output."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.mlp = models.NNXMLP(rngs, dim=64, hidden=256)
+
+    def __call__(self, x_BD):
+        return x_BD + self.mlp(x_BD)
+
+
+class _StackedModel(nnx.Module):
+    """An MLP, then (unless ``layers == 0``) a ``tx.nn.LayerStack`` of ``layers`` blocks."""
+
+    def __init__(self, rngs: nnx.Rngs, layers: int, unroll: int | bool):
+        self.first = models.NNXMLP(rngs, dim=64, hidden=256)
+        self.stack = tx.nn.LayerStack(_Residual, layers, rngs=rngs, unroll=unroll) if layers else None
+
+    def __call__(self, x_BD):
+        h_BD = self.first(x_BD)
+        return h_BD if self.stack is None else self.stack(h_BD)
+
+
+@functools.cache
+def _stacked_model_stats(layers: int, unroll: int | bool = 1, grad: bool = False):
+    """Stats of the model's forward (or loss gradient) compiled under TP over 8 devices."""
+    mesh = tx.MeshSpec(axes=("tensor",)).build()
+    sm = tx.shard(lambda rngs: _StackedModel(rngs, layers, unroll),
+                  tx.Plan(tensor_parallel=tx.TP(axis="tensor")), mesh, abstract=True)
+    x = models.float_batch(dim=64)
+    if not grad:
+        return inspect(sm.lower(x).compile())
+    step = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(sm.apply(p, x) ** 2)))
+    return inspect(step.lower(sm.params, sm.shard_batch(x)).compile())
+
+
+def test_scanned_layer_stack_reports_four_layers_cost_and_collectives(devices8):
+    rest, one, four = (_stacked_model_stats(layers) for layers in (0, 1, 4))
+
+    def stack(stats, field):
+        return getattr(stats, field) - getattr(rest, field)
+
+    # One layer costs ~0.14 MFLOP per device; four layers, scanned, four times that.
+    assert stack(four, "flops") == pytest.approx(4 * stack(one, "flops"), rel=0.02)
+    assert stack(four, "transcendentals") == pytest.approx(4 * stack(one, "transcendentals"), rel=0.02)
+    # XLA's own figure visits the scan's body once: about one layer's FLOPs.
+    assert four.xla_flops - rest.flops == pytest.approx(stack(one, "flops"), rel=0.02)
+    # The collectives exactly: one all-reduce of the [16, 64] activation per layer.
+    assert stack(one, "total_collective_count") == 1
+    assert stack(one, "total_collective_bytes") == 16 * 64 * F32
+    for kind in COLLECTIVE_KINDS:
+        assert four.count(kind) - rest.count(kind) == 4 * (one.count(kind) - rest.count(kind)), kind
+        assert four.bytes(kind) - rest.bytes(kind) == 4 * (one.bytes(kind) - rest.bytes(kind)), kind
+    assert four.unknown_trip_loops == four.conditionals == 0
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "gradient"])
+def test_scanned_layer_stack_costs_what_the_unrolled_one_does(devices8, grad):
+    scanned, unrolled = _stacked_model_stats(4, 1, grad), _stacked_model_stats(4, True, grad)
+    assert scanned.flops == pytest.approx(unrolled.flops, rel=0.02)
+    assert scanned.transcendentals == pytest.approx(unrolled.transcendentals, rel=0.02)
+    assert {k: (c.count, c.bytes) for k, c in scanned.collectives.items()} == {
+        k: (c.count, c.bytes) for k, c in unrolled.collectives.items()}
+    assert scanned.xla_flops < 0.6 * unrolled.flops
 
 
 def test_inspect_rejects_what_is_not_compiled(devices8):

@@ -171,8 +171,8 @@ def test_an_indivisible_dimension_warns_with_the_layout_the_array_ends_up_with()
     # say where the array is split, not that it "stays replicated".
     with pytest.warns(tx.TitanaxWarning, match=r"dimension 0 \('heads', size 6\) does not divide over "
                       r"mesh axes \['fsdp'\].*laid out as P\(None, 'fsdp', None\): dimension 1 over 'fsdp'"):
-        spec = tx.rules.fsdp("fsdp").spec(("heads", "kv", "embed"), (6, 64, 512), {"fsdp": 8},
+        spec = tx.presets.fsdp("fsdp").spec(("heads", "kv", "embed"), (6, 64, 512), {"fsdp": 8},
                                           what="parameter 'out/kernel'")
     assert spec == P(None, "fsdp", None)
     with pytest.warns(tx.TitanaxWarning, match=r"size 6\) does not divide.*the array stays replicated"):
-        assert tx.rules.fsdp("fsdp").spec(("heads",), (6,), {"fsdp": 8}) == P(None)
+        assert tx.presets.fsdp("fsdp").spec(("heads",), (6,), {"fsdp": 8}) == P(None)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -14,19 +12,18 @@ from jax.sharding import AxisType, Mesh
 
 from titanax.exceptions import DistributedError, MeshError, TitanaxError
 from titanax.runtime import (
-    DEFAULT_COORDINATOR_PORT,
     ClusterSpec,
     DistributedInfo,
     MeshSpec,
     ProcessGroups,
     describe_mesh,
     initialize,
-    parse_slurm_nodelist,
     resolve_cluster,
 )
 from titanax.runtime import distributed as dist
 from titanax.runtime import mesh as mesh_mod
-
+from titanax.runtime.slurm import parse_slurm_nodelist
+from titanax.runtime.sources import DEFAULT_COORDINATOR_PORT
 
 
 def _raises(exc: type[TitanaxError], *culprits: str, fn, **kwargs) -> TitanaxError:
@@ -736,14 +733,6 @@ def test_initialize_adopts_existing_jax_distributed(clean_init):
     )
 
 
-def test_device_helpers():
-    from titanax import runtime
-
-    assert runtime.devices() == jax.devices()
-    assert runtime.local_devices() == jax.local_devices()
-    assert runtime.process_index() == 0 and runtime.process_count() == 1
-
-
 # --------------------------------------------------------------------------------------------------
 # resolve_cluster: torchrun / Kubeflow PyTorchJob and Kubernetes Indexed Job
 # --------------------------------------------------------------------------------------------------
@@ -960,3 +949,15 @@ def test_simulated_devices_get_enough_xla_threads_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) >= 64, result.stdout
+
+
+# --- the public surface ---------------------------------------------------------------------------
+
+
+def test_follow_launcher_applies_only_under_the_launcher():
+    from titanax.runtime.env_vars import LAUNCHER_PID_VAR
+    from titanax.runtime.launcher import follow_launcher
+
+    assert follow_launcher({}) is False
+    assert follow_launcher({LAUNCHER_PID_VAR: "not-a-pid"}) is False
+    assert follow_launcher({LAUNCHER_PID_VAR: str(os.getpid())}) is False  # we are not our own parent

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 import titanax as tx
-from titanax.parallel.pipeline_explicit import compile_schedule
+from titanax.parallel.pipeline_program import compile_schedule
 from titanax.parallel.schedules import Schedule, build_schedule
 
 CASES = [("gpipe", p, m, 1) for p, m in [(1, 1), (2, 2), (2, 5), (4, 4), (4, 16)]] + \

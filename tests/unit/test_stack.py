@@ -41,7 +41,7 @@ def test_stack_equals_a_loop_over_its_layers(unroll):
 def test_stack_prefixes_layers_to_every_name():
     stack = tx.nn.LayerStack(Residual, 2, rngs=nnx.Rngs(0))
     mesh = tx.MeshSpec(axes=("data",)).build()
-    layout = {leaf.path: leaf for leaf in tx.tree_layout(nnx.state(stack, nnx.Param), tx.rules.fsdp("data"), mesh)}
+    layout = {leaf.path: leaf for leaf in tx.tree_layout(nnx.state(stack, nnx.Param), tx.presets.fsdp("data"), mesh)}
     kernel = layout["layer/dense/kernel"]
     assert kernel.names == ("layers", "embed", "mlp")
     assert kernel.spec == jax.sharding.PartitionSpec(None, "data", None)  # the layers axis stays whole

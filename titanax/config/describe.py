@@ -87,7 +87,7 @@ class RunDescription:
         return self.state_bytes + self.activations.per_device_bytes
 
     def render(self) -> str:
-        from titanax.profiling.units import human_bytes, human_count
+        from titanax.units import human_bytes, human_count
 
         s = self.stats
         lines = [self.mesh, "", self.plan, "", "Parameters", self.layout, ""]
@@ -131,14 +131,14 @@ class RunDescription:
         if not s.total_collective_count:
             lines.append("  none")
         if s.flops is not None:
-            lines.append(f"FLOPs per step per device {human_count(s.flops)} (XLA cost model; a loop body counts once)")
+            lines.append(f"FLOPs per step per device {human_count(s.flops)} (XLA cost model, a loop body counted once per trip)")
         lines.append(f"compiled in {self.compile_seconds:.1f} s by the {self.backend} backend; nothing was "
                      "allocated or trained")
         return "\n".join(lines)
 
     def verdict(self) -> str:
         """Whether one device's peak fits the device's memory, and by how much."""
-        from titanax.profiling.units import human_bytes
+        from titanax.units import human_bytes
 
         capacity = self.device.bytes
         name = f"{self.device.name} ({human_bytes(capacity)})"

@@ -1,4 +1,9 @@
-"""Objects named in a run configuration by import path (``package.module:attribute``)."""
+"""Objects named in a run configuration by import path (``package.module:attribute``), and the
+checks of the arguments a configuration gives them.
+
+Every error here is a ``ConfigError`` whose ``owner`` is ``"RunConfig"`` and whose ``field`` is the
+whole dotted key (``model.args.hidden``): the configuration owns those values itself.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,17 @@ from typing import Any
 
 from titanax.exceptions import ConfigError
 
-__all__ = ["call_signature", "check_arguments", "describe_type", "import_object", "qualified_name", "strip_optional"]
+__all__ = ["call_signature", "check_arguments", "describe_type", "did_you_mean", "import_object", "qualified_name",
+           "strip_optional"]
+
+OWNER = "RunConfig"
+"""The ``owner`` of errors about a key the configuration holds; ``field`` is the dotted key."""
+
+
+def did_you_mean(word: str, options: Any) -> str:
+    """`` (did you mean X?)`` for the option closest to ``word``, or ``""`` when none is close."""
+    match = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" (did you mean {match[0]}?)" if match else ""
 
 
 def import_object(path: str, key: str) -> Any:
@@ -39,14 +54,16 @@ def import_object(path: str, key: str) -> Any:
       'adamw'
     """
     if not isinstance(path, str) or not path.strip():
-        raise ConfigError(f"{key} is empty", suggestion=f"set {key} to package.module:attribute")
+        raise ConfigError(f"{key} is empty", suggestion=f"set {key} to package.module:attribute",
+                          owner=OWNER, field=key, value=path)
     if ":" in path:
         module_name, _, attribute = path.partition(":")
     else:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
         raise ConfigError(f"{key}={path!r} is not an import path",
-                          suggestion=f"write {key} as package.module:attribute, e.g. examples.mnist_dp.model:CNN")
+                          suggestion=f"write {key} as package.module:attribute, e.g. examples.mnist_dp.model:CNN",
+                          owner=OWNER, field=key, value=path)
     module = _import_module(module_name, key, path)
     obj: Any = module
     walked = module_name
@@ -55,7 +72,8 @@ def import_object(path: str, key: str) -> Any:
             names = [n for n in dir(obj) if not n.startswith("_")]
             close = difflib.get_close_matches(part, names, n=3)
             hint = f"did you mean {', '.join(close)}?" if close else f"{walked} defines: {', '.join(names[:12])}"
-            raise ConfigError(f"{key}={path!r}: {walked} has no attribute {part!r}", suggestion=hint)
+            raise ConfigError(f"{key}={path!r}: {walked} has no attribute {part!r}", suggestion=hint,
+                              owner=OWNER, field=key, value=path)
         obj = getattr(obj, part)
         walked = f"{walked}.{part}"
     return obj
@@ -70,12 +88,15 @@ def _import_module(name: str, key: str, path: str) -> Any:
             raise ConfigError(
                 f"{key}={path!r}: module {missing!r} cannot be found",
                 suggestion="check the spelling, install the package, or run from the folder that holds "
-                f"it (the current folder, {os.getcwd()}, is on the import path)") from None
+                f"it (the current folder, {os.getcwd()}, is on the import path)",
+                owner=OWNER, field=key, value=path) from None
         raise ConfigError(f"{key}={path!r}: importing {name} needs module {missing!r}, which is not installed",
-                          suggestion=f"pip install the package that provides {missing}") from None
+                          suggestion=f"pip install the package that provides {missing}",
+                          owner=OWNER, field=key, value=path) from None
     except Exception as error:  # the user's module itself is broken
         raise ConfigError(f"{key}={path!r}: importing {name} failed with {type(error).__name__}: {error}",
-                          suggestion=f"run python -c 'import {name}' to see the full error") from None
+                          suggestion=f"run python -c 'import {name}' to see the full error",
+                          owner=OWNER, field=key, value=path) from None
 
 
 def check_arguments(factory: Callable[..., Any], kwargs: Mapping[str, Any], key: str, *,
@@ -96,8 +117,6 @@ def check_arguments(factory: Callable[..., Any], kwargs: Mapping[str, Any], key:
     Example:
       >>> check_arguments(lambda *, width, depth=2: None, {"width": 8}, "model.args")
     """
-    from titanax.config.schema import did_you_mean
-
     signature = call_signature(factory)
     if signature is None:  # a builtin without a signature: let the call speak
         return
@@ -109,12 +128,13 @@ def check_arguments(factory: Callable[..., Any], kwargs: Mapping[str, Any], key:
     for arg in kwargs:
         if arg not in params and not takes_any:
             raise ConfigError(f"{key}.{arg} is not an argument of {name}",
-                              suggestion=f"its arguments: {', '.join(named) or 'none'}{did_you_mean(arg, named)}")
+                              suggestion=f"its arguments: {', '.join(named) or 'none'}{did_you_mean(arg, named)}",
+                              owner=OWNER, field=f"{key}.{arg}", value=kwargs[arg])
     try:
         signature.bind(**kwargs, **{arg: None for arg in supplied})
     except TypeError as error:
         raise ConfigError(f"{name} cannot be called with {key}: {error}",
-                          suggestion=f"add the missing value under {key}") from None
+                          suggestion=f"add the missing value under {key}", owner=OWNER, field=key) from None
     for arg, value in kwargs.items():
         if arg in params:
             _check_type(factory, params[arg], value, f"{key}.{arg}", name)
@@ -132,7 +152,7 @@ def _check_type(factory: Any, param: inspect.Parameter, value: Any, key: str, na
     expected = describe_type(hint)
     raise ConfigError(f"{key}={value!r} does not fit `{param.name}: {written}` in {name}",
                       suggestion=f"write {key} as {expected}" if "another kind" not in expected
-                      else f"give {key} a value of type {written}")
+                      else f"give {key} a value of type {written}", owner=OWNER, field=key, value=value)
 
 
 def _resolve_annotation(factory: Any, annotation: Any) -> Any:

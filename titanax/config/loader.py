@@ -10,11 +10,8 @@ says what was expected and suggests the closest valid key.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
-import re
-import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +19,9 @@ import yaml
 from omegaconf import OmegaConf, read_write
 from omegaconf import errors as oc_errors
 
-from titanax.config.imports import describe_type, strip_optional
-from titanax.config.schema import PlanConfig, RunConfig
+from titanax.config.imports import describe_type
+from titanax.config.keys import yaml_keys
+from titanax.config.schema import PlanConfig, RunConfig, key_hint, keys_under
 from titanax.exceptions import ConfigError, TitanaxError
 
 __all__ = ["load", "from_dict"]
@@ -138,10 +136,10 @@ def _merge(layers: list[Any], where: str, overrides: Sequence[str] = ()) -> RunC
         merged = OmegaConf.merge(schema, *layers)
         return OmegaConf.to_object(merged)
     except TitanaxError as error:  # a section's own __post_init__ check, naming its key
-        named = [a for a in overrides
-                 if re.search(rf"(?<![\w.]){re.escape(a.partition('=')[0].strip())}\b", error.message)]
-        where = f"--set {named[0]}" if named else where
-        raise type(error)(f"{where}: {error.message}", suggestion=error.suggestion) from None
+        keys = {key for key, _ in yaml_keys(error)}
+        named = [a for a in overrides if a.partition("=")[0].strip() in keys]
+        where = f"--set {named[-1]}" if named else where
+        raise error.replace(message=f"{where}: {error.message}") from None
     except (oc_errors.OmegaConfBaseException, TypeError) as error:  # TypeError: a list where a mapping goes
         raise _translate(error, layers, where, overrides) from None
 
@@ -177,7 +175,7 @@ def _translate(error: Exception, layers: list[Any], where: str, overrides: Seque
         return ConfigError(f"{where}: {key} cannot be resolved: {message}",
                            suggestion="check the ${...} reference: it must name an existing key")
     if key:
-        expected = describe_type(_hint_at(key))
+        expected = describe_type(key_hint(key))
         value = _value_at(layers, key)
         shown = f"={value!r}" if value is not _ABSENT else ""
         return ConfigError(f"{where}: {key}{shown} has the wrong type: expected {expected}",
@@ -188,8 +186,8 @@ def _translate(error: Exception, layers: list[Any], where: str, overrides: Seque
 
 def _unknown_key(key: str, where: str) -> ConfigError:
     *parents, leaf = key.split(".")
-    fields = _fields_at(parents)
     section = ".".join(parents)
+    fields = keys_under(section)
     if fields is None:
         return ConfigError(f"{where}: {key} is not a configuration key", suggestion="see docs/cli.md")
     close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.5)
@@ -227,26 +225,6 @@ def _deepest_failure(schema: Any, layer: Any, name: str) -> str:
 
 # -------------------------------------------------------------------------------- schema walk
 _ABSENT = object()
-
-
-def _hint_at(key: str) -> Any:
-    hint: Any = RunConfig
-    for part in key.split("."):
-        hint = strip_optional(hint)
-        if not dataclasses.is_dataclass(hint):
-            return None
-        hints = typing.get_type_hints(hint)
-        if part not in hints:
-            return None
-        hint = hints[part]
-    return hint
-
-
-def _fields_at(parents: list[str]) -> list[str] | None:
-    hint = strip_optional(_hint_at(".".join(parents)) if parents else RunConfig)
-    if not dataclasses.is_dataclass(hint):
-        return None
-    return [f.name for f in dataclasses.fields(hint)]
 
 
 def _value_at(layers: list[Any], key: str) -> Any:

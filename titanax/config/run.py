@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from titanax.config.imports import call_signature, check_arguments, import_object, qualified_name
+from titanax.config.imports import (
+    OWNER,
+    call_signature,
+    check_arguments,
+    import_object,
+    qualified_name,
+)
+from titanax.config.keys import keyed
 from titanax.config.schema import RunConfig
 from titanax.data.source import DataSource
-from titanax.exceptions import ConfigError, TitanaxError
+from titanax.exceptions import ConfigError
 
 __all__ = ["Prepared", "prepare", "train"]
 
@@ -59,7 +65,8 @@ def _model(cfg: RunConfig, example: Any, rules: Any, mesh: Any) -> tuple[Any, An
     factory = import_object(cfg.model.factory, "model.factory")
     if not callable(factory):
         raise ConfigError(f"model.factory={cfg.model.factory!r} is not callable",
-                          suggestion="name a Flax module class or a function that returns a module")
+                          suggestion="name a Flax module class or a function that returns a module",
+                          owner=OWNER, field="model.factory", value=cfg.model.factory)
     args = dict(cfg.model.args)
     if _takes(factory, "rngs"):  # NNX: Engine.init builds it directly sharded
         check_arguments(factory, args, "model.args", supplied=("rngs",))
@@ -76,14 +83,16 @@ def _model(cfg: RunConfig, example: Any, rules: Any, mesh: Any) -> tuple[Any, An
         return module, None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model.factory={cfg.model.factory!r} returned {type(module).__name__}, not a Flax module",
-                          suggestion="return a flax.linen.Module, or take `rngs` and return an nnx.Module")
+                          suggestion="return a flax.linen.Module, or take `rngs` and return an nnx.Module",
+                          owner=OWNER, field="model.factory", value=cfg.model.factory)
     key = cfg.model.input
     if key is None:
         return module, example
     if not isinstance(example, Mapping) or key not in example:
         keys = list(example) if isinstance(example, Mapping) else []
         raise ConfigError(f"model.input={key!r} is not a key of the data's batches",
-                          suggestion=f"use one of {keys}" if keys else "drop model.input: the batch is not a mapping")
+                          suggestion=f"use one of {keys}" if keys else "drop model.input: the batch is not a mapping",
+                          owner=OWNER, field="model.input", value=key)
     return module, example[key]
 
 
@@ -93,7 +102,8 @@ def _no_input(cfg: RunConfig) -> None:
     if cfg.model.input is not None:
         raise ConfigError(f"model.input={cfg.model.input!r} is set but model.factory={cfg.model.factory!r} "
                           "builds an NNX model, which is created without an example batch",
-                          suggestion="drop model.input (it is for Linen modules only)")
+                          suggestion="drop model.input (it is for Linen modules only)",
+                          owner=OWNER, field="model.input", value=cfg.model.input)
 
 
 def _source(cfg: RunConfig) -> DataSource:
@@ -101,15 +111,18 @@ def _source(cfg: RunConfig) -> DataSource:
     for reserved in ("batch_size", "seed"):
         if reserved in cfg.data.args:
             where = "data.batch_size" if reserved == "batch_size" else "train.seed"
-            raise ConfigError(f"data.args.{reserved} is set by Titanax", suggestion=f"set {where} instead")
+            raise ConfigError(f"data.args.{reserved} is set by Titanax", suggestion=f"set {where} instead",
+                              owner=OWNER, field=f"data.args.{reserved}", value=cfg.data.args[reserved])
     if not (_takes(factory, "batch_size") and _takes(factory, "seed")):
         raise ConfigError(f"data.factory {qualified_name(factory)} does not take batch_size and seed",
-                          suggestion="define it as def factory(..., *, batch_size: int, seed: int) -> tx.data.DataSource")
+                          suggestion="define it as def factory(..., *, batch_size: int, seed: int) -> tx.data.DataSource",
+                          owner=OWNER, field="data.factory", value=cfg.data.factory)
     check_arguments(factory, cfg.data.args, "data.args", supplied=("batch_size", "seed"))
     source = factory(**cfg.data.args, batch_size=cfg.data.batch_size, seed=cfg.train.seed)
     if not isinstance(source, DataSource):
         raise ConfigError(f"data.factory {qualified_name(factory)} returned {type(source).__name__}, not tx.data.DataSource",
-                          suggestion="return tx.data.DataSource(train=..., example=..., eval=...)")
+                          suggestion="return tx.data.DataSource(train=..., example=..., eval=...)",
+                          owner=OWNER, field="data.factory", value=cfg.data.factory)
     return source
 
 
@@ -138,7 +151,7 @@ def _check_vocabulary(model: Any, source: DataSource, rules: Any, mesh: Any) -> 
                     f"{list(leaf.shape)} has {size} entries on its 'vocab' axis",
                     suggestion=f"give the model a vocabulary of at least {source.vocab_size} "
                     "(e.g. model.args.vocab_size), or use a smaller tokenizer; JAX would not fail but "
-                    "silently clamp every larger id")
+                    "silently clamp every larger id", owner=OWNER, field="model.args")
 
 
 def _step(path: str | None, key: str) -> Any:
@@ -146,7 +159,8 @@ def _step(path: str | None, key: str) -> Any:
         return None
     fn = import_object(path, key)
     if not callable(fn):
-        raise ConfigError(f"{key}={path!r} is not callable", suggestion="name a function (state, batch) -> ...")
+        raise ConfigError(f"{key}={path!r} is not callable", suggestion="name a function (state, batch) -> ...",
+                          owner=OWNER, field=key, value=path)
     return fn
 
 
@@ -166,63 +180,13 @@ def _check_batch(cfg: RunConfig, mesh: Any, plan: Any) -> None:
             parts.append(f"{dp.accumulate_steps} accumulation steps")
         lower = size - size % per_step
         raise ConfigError(f"data.batch_size={size} does not divide into {' x '.join(parts)} = {per_step}",
-                          suggestion=f"use a multiple of {per_step}, e.g. data.batch_size={lower or per_step}")
+                          suggestion=f"use a multiple of {per_step}, e.g. data.batch_size={lower or per_step}",
+                          owner=OWNER, field="data.batch_size", value=size)
     processes = jax.process_count()
     if size % processes:
         raise ConfigError(f"data.batch_size={size} does not divide over {processes} processes",
-                          suggestion=f"use a multiple of {processes}")
-
-
-_PARTS = {"DP": "data_parallel", "FSDP": "fsdp", "TP": "tensor_parallel", "PP": "pipeline_parallel"}
-
-
-def _config_words(text: str, section: str) -> str:
-    """Python spellings in a mesh/plan/precision error, in the configuration's keys:
-    ``DP(axis='batch')`` -> ``plan.data_parallel.axis='batch'``, ``MeshSpec shape (4, 4)`` ->
-    ``mesh.shape [4, 4]``, ``data_parallel=tx.DP(axis='t')`` -> ``plan.data_parallel: {axis: 't'}``;
-    ``section`` is the one the error came from (``compute=`` is ``precision.compute=`` only there,
-    ``total_steps`` is ``train.steps`` only in an optimizer's error, ``OrbaxCheckpoint(...)`` is
-    ``checkpoint.dir`` only in a checkpoint's, ``CSV(path=...)`` is ``logging.csv`` in a logger's)."""
-    text = re.sub(r"\b(\w+)=tx\.(?:DP|FSDP|TP|PP)\((\w+)=([^()]*)\)", r"plan.\1: {\2: \3}", text)
-    text = re.sub(r"\b(?:tx\.)?(DP|FSDP|TP|PP)\((\w+)=([^()]*)\)",
-                  lambda m: f"plan.{_PARTS[m[1]]}.{m[2]}={m[3]}", text)
-    text = re.sub(r"\b(DP|FSDP|TP|PP)\b(?= and | both)", lambda m: f"plan.{_PARTS[m[1]]}", text)
-    text = re.sub(r"^rule \(", "plan.rules entry (", text)
-    text = re.sub(r"\bPrecision\((\w+)=([^()]*)\)", r"precision.\1=\2", text)
-    text = re.sub(r"\bMeshSpec (shape|axes)=?\s*\(([^()]*?),?\)", r"mesh.\1 [\2]", text)
-    text = re.sub(r"\bMeshSpec\(axes=\(([^()]*)\)\)", r"mesh.axes=[\1]", text)
-    text = re.sub(r"\bshape=\(([^()]*?),?\)", r"mesh.shape=[\1]", text)
-    if section == "precision":
-        text = re.sub(r"(?<![.\w])(params|compute|loss_scale)=", r"precision.\1=", text)
-    if section == "checkpoint":  # tx.io.OrbaxCheckpoint's own words for its directory
-        text = re.sub(r"\bOrbaxCheckpoint\((?:directory=)?('[^']*'|\"[^\"]*\")\)", r"checkpoint.dir=\1", text)
-        text = re.sub(r"\bOrbaxCheckpoint\b", "checkpoint.dir", text)
-        text = re.sub(r"^checkpoint directory (\S+)", r"checkpoint.dir=\1", text)
-    if section == "logging":  # the loggers' own words for their paths
-        text = re.sub(r"\bCSV\(path=[^()]*\)", "logging.csv", text)
-        text = re.sub(r"\bTensorBoard\(logdir=[^()]*\)", "logging.tensorboard", text)
-    if section == "optimizer":  # the schedule's arguments
-        text = re.sub(r"(?<![.\w])total_steps\b", "train.steps", text)
-        text = re.sub(r"(?<![.\w])warmup_steps\b", "optimizer.warmup_steps", text)
-        text = re.sub(r"(?<![.\w])peak_value\b", "optimizer.lr", text)
-        text = re.sub(r"(?<![.\w])end_value\b", "optimizer.end_lr", text)
-    return text.replace("to the MeshSpec", "to mesh.axes").replace("in the MeshSpec", "in mesh.shape")
-
-
-def _keyed(error: TitanaxError, section: str, args: Mapping[str, Any] | None = None) -> TitanaxError:
-    """``error`` (from building the mesh, plan, precision or optimizer) reworded to name
-    configuration keys; ``args`` are the section's ``args``, whose names become ``section.args.name``."""
-    def words(text: str) -> str:
-        text = _config_words(text, section)
-        for name in args or ():
-            text = re.sub(rf"(?<![.\w]){re.escape(name)}=", f"{section}.args.{name}=", text)
-        return text
-
-    message = words(error.message)
-    if f"{section}." not in message:
-        message = f"{section}: {message}"
-    suggestion = words(error.suggestion) if error.suggestion else None
-    return type(error)(message, suggestion=suggestion)
+                          suggestion=f"use a multiple of {processes}", owner=OWNER, field="data.batch_size",
+                          value=size)
 
 
 def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) -> Prepared:
@@ -238,23 +202,20 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
 
     Raises:
       TitanaxError: any part cannot be built (``ConfigError`` for the configuration itself,
-        ``MeshError`` / ``PlanError`` for a mesh or plan that does not fit the devices).
+        ``MeshError`` / ``PlanError`` for a mesh or plan that does not fit the devices); its message
+        starts with the YAML keys its ``owner`` and ``field`` stand for
+        (:func:`titanax.config.keys.with_keys`).
     """
     from titanax.exec.engine import Engine
 
-    try:
+    with keyed("mesh"):
         mesh = cfg.mesh.spec().build()
-    except TitanaxError as error:
-        raise _keyed(error, "mesh") from error
-    try:
+    with keyed("plan"):
         plan = cfg.plan.build()
+    with keyed("plan"):  # a second block: the plan's own errors are keyed once, not twice
         plan.validate(mesh)
-    except TitanaxError as error:
-        raise _keyed(error, "plan") from error
-    try:
+    with keyed("precision"):
         precision = cfg.precision.build()
-    except TitanaxError as error:
-        raise _keyed(error, "precision") from error
     _check_batch(cfg, mesh, plan)
     from titanax.exec.step import StepFunction, step_fn
 
@@ -268,28 +229,23 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
         raise ConfigError(f"train.eval_step={cfg.train.eval_step!r} is set but data.factory={cfg.data.factory!r} "
                           "returned a DataSource without eval data",
                           suggestion="return tx.data.DataSource(..., eval=held_out_batches) from the data "
-                          "factory, or drop train.eval_step")
+                          "factory, or drop train.eval_step", owner=OWNER, field="train.eval_step")
     rules = plan.resolved_rules()
     model, example = _model(cfg, source.example, rules, mesh)
     _check_vocabulary(model, source, rules, mesh)
-    try:
+    with keyed("optimizer"):
         optimizer = cfg.optimizer.build(cfg.train.steps)
-    except TitanaxError as error:
-        raise _keyed(error, "optimizer", cfg.optimizer.args) from error
-    try:
+    with keyed("checkpoint"):
         checkpointer = cfg.checkpoint.build() if checkpoint else None
-    except TitanaxError as error:
-        raise _keyed(error, "checkpoint") from error
-    try:
+    with keyed("logging"):
         built_loggers = cfg.logging.build() if loggers else ()
-    except TitanaxError as error:
-        raise _keyed(error, "logging") from error
-    engine = Engine(
-        mesh=mesh, plan=plan, optimizer=optimizer,
-        precision=precision, checkpoint=checkpointer,
-        loggers=built_loggers, log_every=cfg.logging.every,
-        flops_per_example=cfg.logging.flops_per_example, tokens_per_example=source.tokens_per_example,
-        peak_flops=cfg.logging.peak_flops, on_nonfinite=cfg.train.on_nonfinite)
+    with keyed():
+        engine = Engine(
+            mesh=mesh, plan=plan, optimizer=optimizer,
+            precision=precision, checkpoint=checkpointer,
+            loggers=built_loggers, log_every=cfg.logging.every,
+            flops_per_example=cfg.logging.flops_per_example, tokens_per_example=source.tokens_per_example,
+            peak_flops=cfg.logging.peak_flops, on_nonfinite=cfg.train.on_nonfinite)
     return Prepared(config=cfg, engine=engine, model=model, model_example=example, source=source, step=step,
                     eval_step=eval_step, eval_summary=eval_summary)
 
@@ -327,6 +283,8 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, f
                        eval_data=run.source.eval if has_eval else None,
                        eval_every=cfg.train.eval_every, eval_summary=run.eval_summary)
     result["step"] = float(jax.device_get(state.step))
+    if engine.stopped_by is not None:  # preempted: the step is saved; no time for evaluation
+        return result
     if has_eval:
         final = engine.evaluate(run.eval_step, state, run.source.eval, summary=run.eval_summary)
         result.update(final)

@@ -3,33 +3,55 @@
 OmegaConf reads the YAML against these classes (``titanax.config.load``), so every key and type is
 checked before anything is built; each class then turns itself into the Titanax object it
 describes (``MeshConfig.spec()`` -> ``tx.MeshSpec``, ``PlanConfig.build()`` -> ``tx.Plan``, ...).
+
+The sections of the plan parts, the plan and the precision are *generated* from ``tx.DP``,
+``tx.FSDP``, ``tx.TP``, ``tx.PP``, ``tx.Plan`` and ``tx.Precision`` (:func:`~titanax.config.mirror.mirror`):
+the same fields, types and defaults, so the YAML cannot drift from the Python API. The optimizer's
+arguments are checked against the factory's own signature, and its schedule is called with the
+arguments its signature names (:data:`SCHEDULE_KEYS`).
+
 Validation that needs only the values themselves lives in ``__post_init__``; validation that needs
 devices (an axis missing from the mesh, a mesh larger than the machine) is done by the objects they
-build (``tx.Plan.validate``, ``tx.MeshSpec.build``), which already raise ``TitanaxError``.
+build (``tx.Plan.validate``, ``tx.MeshSpec.build``), which raise ``TitanaxError`` with structured
+fields that :mod:`titanax.config.keys` turns into YAML keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import typing
 from typing import Any, Optional
 
-from titanax.exceptions import ConfigError
+from titanax import logging as tx_logging
+from titanax.config.imports import OWNER, check_arguments, did_you_mean, strip_optional
+from titanax.config.mirror import Written, mirror
+from titanax.exceptions import ConfigError, TitanaxError
+from titanax.exec.precision import Precision
+from titanax.io.checkpoint import OrbaxCheckpoint
+from titanax.optim import LR_SCHEDULES, OPTIMIZERS
+from titanax.parallel.plan import DP, FSDP, PP, TP, Plan
+from titanax.parallel.rules import Rules
+from titanax.runtime import MeshSpec
 
 __all__ = [
     "MeshConfig", "DataParallelConfig", "FSDPConfig", "TensorParallelConfig", "PipelineParallelConfig",
     "PlanConfig", "ModelConfig", "DataConfig", "OptimizerConfig", "PrecisionConfig", "CheckpointConfig",
-    "LoggingConfig", "TrainConfig", "RunConfig",
+    "LoggingConfig", "TrainConfig", "RunConfig", "SCHEDULE_KEYS", "key_hint", "keys_under",
 ]
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
-SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
+SCHEDULE_KEYS: dict[str, str] = {
+    "peak_value": "optimizer.lr", "value": "optimizer.lr", "warmup_steps": "optimizer.warmup_steps",
+    "end_value": "optimizer.end_lr", "init_value": "optimizer.init_lr", "total_steps": "train.steps"}
+"""The YAML key of each argument a learning-rate schedule (``tx.optim.LR_SCHEDULES``) takes."""
 
 
-def _positive(section: str, **values: Any) -> None:
+def _positive(owner: type, section: str, **values: Any) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
             raise ConfigError(f"{section}.{name}={value} must be at least 1",
-                              suggestion=f"set {section}.{name} to a positive integer")
+                              suggestion=f"set {section}.{name} to a positive integer",
+                              owner=owner.__name__, field=name, value=value)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -43,117 +65,79 @@ class MeshConfig:
 
     def __post_init__(self) -> None:
         if not self.axes:
-            raise ConfigError("mesh.axes is empty", suggestion="e.g. mesh: {axes: [data]}")
+            raise ConfigError("mesh.axes is empty", suggestion="e.g. mesh: {axes: [data]}",
+                              owner="MeshConfig", field="axes", value=self.axes)
         if self.shape is not None and len(self.shape) != len(self.axes):
             raise ConfigError(
                 f"mesh.shape {list(self.shape)} has {len(self.shape)} entries for {len(self.axes)} axes "
                 f"{list(self.axes)}",
-                suggestion="give one size per axis (one may be -1), or drop mesh.shape")
+                suggestion="give one size per axis (one may be -1), or drop mesh.shape",
+                owner="MeshConfig", field=("shape", "axes"), value=(self.shape, self.axes))
 
-    def spec(self) -> Any:
-        from titanax.runtime import MeshSpec
-
+    def spec(self) -> MeshSpec:
+        """The ``tx.MeshSpec`` (``build()`` it on the devices)."""
         return MeshSpec(axes=tuple(self.axes), shape=None if self.shape is None else tuple(self.shape))
 
 
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class DataParallelConfig:
-    """``tx.DP``: parameters replicated, batch split."""
-
-    axis: str = "data"
-    """Mesh axis the batch is split over."""
-    accumulate_steps: int = 1
-    """Microbatches accumulated per optimizer step."""
+# ------------------------------------------------------------------- generated from the domain classes
+_RULE_PAIRS = Optional[list[Any]]
+"""Rules in YAML: ``[[logical_name, mesh_axis_or_axes_or_null], ...]``."""
 
 
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class FSDPConfig:
-    """``tx.FSDP``: parameters, optimizer state and batch split (ZeRO-3)."""
-
-    axis: str = "fsdp"
-    """Mesh axis the parameters and batch are split over."""
-    shard_unnamed: bool = True
-    """Also shard parameters the model gave no logical names (largest divisible dimension)."""
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class TensorParallelConfig:
-    """``tx.TP``: matmuls split (Megatron)."""
-
-    axis: str = "tensor"
-    """Mesh axis the matmuls are split over."""
-    sequence_parallel: bool = False
-    """Also split the sequence dimension outside attention and MLP."""
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class PipelineParallelConfig:
-    """``tx.PP``: the model's ``tx.nn.LayerStack`` split into stages."""
-
-    axis: str = "pipe"
-    """Mesh axis the stages are split over (its size equals ``stages``)."""
-    stages: int = 2
-    """Pipeline stages."""
-    microbatches: int = 2
-    """Microbatches per step (at least ``stages``)."""
-    repeats: int = 1
-    """Virtual stages per device (``circular``, ``interleaved``)."""
-    schedule: str = "gpipe"
-    """``gpipe``, ``circular``, ``1f1b``, ``interleaved`` or ``zbh1``."""
-    remat: str = "none"
-    """Recompute inside a stage: ``none``, ``full``, ``save_dots``, ``save_dots_no_batch``, ``offload``
-    (GPU/TPU); the model's ``tx.nn.LayerStack(remat=)`` applies inside it per layer."""
-    recompute: bool = False
-    """``1f1b``/``interleaved``: stash one input per microbatch and recompute the stage in the
-    backward slot, instead of stashing every layer's residuals."""
-    nan_bubbles: bool = False
-    """Debug: feed NaN into idle slots (results must not change)."""
-    unroll_ticks: bool = False
-    """Unroll the tick loop (exact cost analysis, longer compile)."""
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class PlanConfig:
-    """``tx.Plan``: which parallelism runs over which mesh axis."""
-
-    data_parallel: Optional[DataParallelConfig] = None
-    """Data parallelism (``{}`` for the defaults)."""
-    fsdp: Optional[FSDPConfig] = None
-    """Fully sharded data parallelism."""
-    tensor_parallel: Optional[TensorParallelConfig] = None
-    """Tensor parallelism."""
-    pipeline_parallel: Optional[PipelineParallelConfig] = None
-    """Pipeline parallelism."""
-    rules: Optional[list[Any]] = None
-    """Extra logical rules that win over the parts' own: ``[[logical_name, mesh_axis_or_null], ...]``."""
-    param_rules: Optional[list[Any]] = None
-    """Path rules for unannotated parameters: ``[[path_regex, [logical names...]], ...]``."""
-    strict: bool = False
-    """Raise instead of warning on unmapped names and indivisible dimensions."""
-
-    def build(self) -> Any:
-        """The ``tx.Plan`` (its own checks raise ``PlanError``)."""
-        from titanax.parallel.plan import DP, FSDP, PP, TP, Plan
-        from titanax.parallel.rules import Rules
-
-        def part(value: Any, kind: type) -> Any:
-            return None if value is None else kind(**dataclasses.asdict(value))
-
-        rules = None
-        if self.rules or self.param_rules:
-            rules = Rules([_pair("plan.rules", r) for r in self.rules or ()],
-                          params=[_pair("plan.param_rules", r) for r in self.param_rules or ()])
-        return Plan(data_parallel=part(self.data_parallel, DP), fsdp=part(self.fsdp, FSDP),
-                    tensor_parallel=part(self.tensor_parallel, TP),
-                    pipeline_parallel=part(self.pipeline_parallel, PP), rules=rules, strict=self.strict)
-
-
-def _pair(where: str, item: Any) -> tuple[Any, Any]:
+def _pair(key: str, item: Any) -> tuple[Any, Any]:
     if not isinstance(item, (list, tuple)) or len(item) != 2:
-        raise ConfigError(f"{where} entry {item!r} is not a pair",
-                          suggestion=f"write each {where} entry as [name, value], e.g. [vocab, null]")
+        raise ConfigError(f"{key} entry {item!r} is not a pair",
+                          suggestion=f"write each {key} entry as [name, value], e.g. [vocab, null]",
+                          owner=OWNER, field=key)
     first, second = item
     return first, tuple(second) if isinstance(second, list) else second
+
+
+def _rules(key: str, rules: list[Any] | None, params: list[Any] | None = None, *,
+           owner: str | None = None) -> Rules | None:
+    """``tx.Rules`` from YAML pairs (``None`` when there are none). ``owner`` claims the errors of
+    ``tx.Rules`` itself, which cannot know whose rules it checks (``TP``'s or the plan's)."""
+    if not rules and not params:
+        return None
+    pairs = [_pair(key, r) for r in rules or ()]
+    paths = [_pair("plan.param_rules", r) for r in params or ()]
+    try:
+        return Rules(pairs, params=paths)
+    except TitanaxError as error:
+        if owner is None or error.owner != "Rules":
+            raise
+        raise error.replace(owner=owner, field="rules") from None
+
+
+def _part(section: Any) -> Any:
+    return None if section is None else section.build()
+
+
+DataParallelConfig = mirror(DP, "DataParallelConfig", module=__name__,
+                            doc="``tx.DP``: parameters replicated, batch split.")
+FSDPConfig = mirror(FSDP, "FSDPConfig", module=__name__,
+                    doc="``tx.FSDP``: parameters, optimizer state and batch split (ZeRO-3).")
+TensorParallelConfig = mirror(
+    TP, "TensorParallelConfig", module=__name__, doc="``tx.TP``: matmuls split (Megatron).",
+    written={"rules": Written(_RULE_PAIRS, lambda tp: _rules("plan.tensor_parallel.rules", tp.rules, owner="TP"))})
+PipelineParallelConfig = mirror(PP, "PipelineParallelConfig", module=__name__,
+                                doc="``tx.PP``: the model's ``tx.nn.LayerStack`` split into stages.")
+PlanConfig = mirror(
+    Plan, "PlanConfig", module=__name__,
+    doc="``tx.Plan``: which parallelism runs over which mesh axis (``plan.param_rules`` joins "
+        "``plan.rules`` in its ``tx.Rules``).",
+    written={
+        "data_parallel": Written(Optional[DataParallelConfig], lambda plan: _part(plan.data_parallel)),
+        "fsdp": Written(Optional[FSDPConfig], lambda plan: _part(plan.fsdp)),
+        "tensor_parallel": Written(Optional[TensorParallelConfig], lambda plan: _part(plan.tensor_parallel)),
+        "pipeline_parallel": Written(Optional[PipelineParallelConfig], lambda plan: _part(plan.pipeline_parallel)),
+        "rules": Written(_RULE_PAIRS, lambda plan: _rules("plan.rules", plan.rules, plan.param_rules)),
+    },
+    extra={"param_rules": (Optional[list[Any]], None)})
+PrecisionConfig = mirror(
+    Precision, "PrecisionConfig", module=__name__,
+    doc="``tx.Precision``: the dtypes parameters are stored and computed in.",
+    written={"loss_scale": Written(Optional[Any], lambda precision: precision.loss_scale)})  # null, dynamic or a number
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -184,7 +168,7 @@ class DataConfig:
     """Examples per global batch (over all processes)."""
 
     def __post_init__(self) -> None:
-        _positive("data", batch_size=self.batch_size)
+        _positive(DataConfig, "data", batch_size=self.batch_size)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -192,60 +176,62 @@ class OptimizerConfig:
     """The optimizer (a ``tx.optim`` factory) and its learning-rate schedule."""
 
     name: str = "adamw"
-    """``adamw``, ``adam``, ``sgd``, ``lion`` or ``adafactor``."""
+    """A key of ``tx.optim.OPTIMIZERS``: ``adamw``, ``adam``, ``sgd``, ``lion`` or ``adafactor``."""
     lr: float = 1e-3
-    """Peak learning rate."""
+    """Peak learning rate (the schedule's ``peak_value``, or ``constant``'s ``value``)."""
     schedule: str = "constant"
-    """``constant``, ``warmup_cosine`` or ``warmup_linear`` (decay to ``end_lr`` at the last step)."""
+    """A key of ``tx.optim.LR_SCHEDULES``: ``constant``, ``warmup_cosine`` or ``warmup_linear``."""
     warmup_steps: int = 0
-    """Steps of linear warm-up from 0 (not for ``constant``)."""
+    """Steps of linear warm-up (not for ``constant``)."""
     end_lr: float = 0.0
     """Learning rate at the last step (``warmup_cosine``, ``warmup_linear``)."""
+    init_lr: float = 0.0
+    """Learning rate at step 0, where the warm-up starts (``warmup_cosine``, ``warmup_linear``)."""
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Other keyword arguments of the factory: ``weight_decay``, ``clip_norm``, ``b1``, ..."""
+    """The factory's other keyword arguments (``weight_decay``, ``clip_norm``, ``b1``, ...), checked
+    against its signature."""
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ConfigError(f"optimizer.name={self.name!r} is not a Titanax optimizer",
-                              suggestion=f"use one of {', '.join(OPTIMIZERS)}{did_you_mean(self.name, OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
+                              suggestion=f"use one of {', '.join(OPTIMIZERS)}{did_you_mean(self.name, OPTIMIZERS)}",
+                              owner="OptimizerConfig", field="name", value=self.name)
+        if self.schedule not in LR_SCHEDULES:
             raise ConfigError(f"optimizer.schedule={self.schedule!r} is not a schedule",
-                              suggestion=f"use one of {', '.join(SCHEDULES)}{did_you_mean(self.schedule, SCHEDULES)}")
-        if self.schedule == "constant" and self.warmup_steps:
-            raise ConfigError("optimizer.warmup_steps is set but optimizer.schedule is constant",
-                              suggestion="set optimizer.schedule: warmup_cosine (or warmup_linear)")
+                              suggestion=f"use one of {', '.join(LR_SCHEDULES)}"
+                              f"{did_you_mean(self.schedule, LR_SCHEDULES)}",
+                              owner="OptimizerConfig", field="schedule", value=self.schedule)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        used = _schedule_keys(self.schedule)
+        for key in sorted(set(SCHEDULE_KEYS.values()) - used):  # set, but the schedule never reads it
+            section, _, name = key.partition(".")
+            if section == "optimizer" and getattr(self, name) != defaults[name]:
+                takers = [s for s in LR_SCHEDULES if key in _schedule_keys(s)]
+                raise ConfigError(f"{key} is set but optimizer.schedule is {self.schedule}",
+                                  suggestion=f"set optimizer.schedule: {' or '.join(takers)}, or drop {key}",
+                                  owner="OptimizerConfig", field=(name, "schedule"),
+                                  value=(getattr(self, name), self.schedule))
 
     def build(self, total_steps: int) -> Any:
-        """The optax ``GradientTransformation`` for a run of ``total_steps``."""
-        from titanax import optim
-        from titanax.config.imports import check_arguments
+        """The optax ``GradientTransformation`` for a run of ``total_steps`` (``train.steps``).
 
-        factory = getattr(optim, self.name)
+        Raises:
+          ConfigError: ``optimizer.args`` does not fit the factory's signature, or the factory or
+            schedule refuses a value (``owner`` ``"optimizer"`` or ``"schedule"``).
+        """
+        factory = OPTIMIZERS[self.name]
         check_arguments(factory, self.args, "optimizer.args", supplied=("learning_rate",),
                         name=f"tx.optim.{self.name}")
-        if self.schedule == "constant":
-            lr = optim.constant(self.lr)
-        else:
-            lr = getattr(optim, self.schedule)(self.lr, warmup_steps=self.warmup_steps,
-                                               total_steps=total_steps, end_value=self.end_lr)
+        values = {"optimizer.lr": self.lr, "optimizer.warmup_steps": self.warmup_steps,
+                  "optimizer.end_lr": self.end_lr, "optimizer.init_lr": self.init_lr, "train.steps": total_steps}
+        schedule = LR_SCHEDULES[self.schedule]
+        lr = schedule(**{name: values[SCHEDULE_KEYS[name]] for name in inspect.signature(schedule).parameters})
         return factory(lr, **self.args)
 
 
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class PrecisionConfig:
-    """``tx.Precision``: the dtypes parameters are stored and computed in."""
-
-    params: str = "float32"
-    """Stored (master) parameters and optimizer state."""
-    compute: str = "float32"
-    """Forward and backward (``bfloat16`` on accelerators)."""
-    loss_scale: Optional[Any] = None
-    """``null``, ``dynamic`` or a fixed number (float16 needs one)."""
-
-    def build(self) -> Any:
-        from titanax.exec.precision import Precision
-
-        return Precision(params=self.params, compute=self.compute, loss_scale=self.loss_scale)
+def _schedule_keys(name: str) -> set[str]:
+    """The YAML keys the learning-rate schedule ``name`` reads."""
+    return {SCHEDULE_KEYS[p] for p in inspect.signature(LR_SCHEDULES[name]).parameters}
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -262,13 +248,12 @@ class CheckpointConfig:
     """Write in the background while training continues."""
 
     def __post_init__(self) -> None:
-        _positive("checkpoint", every=self.every, keep=self.keep)
+        _positive(CheckpointConfig, "checkpoint", every=self.every, keep=self.keep)
 
-    def build(self) -> Any:
+    def build(self) -> OrbaxCheckpoint | None:
+        """The ``tx.io.OrbaxCheckpoint``, or ``None`` without ``dir``."""
         if self.dir is None:
             return None
-        from titanax.io.checkpoint import OrbaxCheckpoint
-
         return OrbaxCheckpoint(self.dir, every=self.every, keep=self.keep, async_save=self.async_save)
 
 
@@ -290,16 +275,15 @@ class LoggingConfig:
     """Peak FLOP/s of one device for MFU; ``None`` looks the device kind up."""
 
     def __post_init__(self) -> None:
-        _positive("logging", every=self.every)
+        _positive(LoggingConfig, "logging", every=self.every)
 
     def build(self) -> list[Any]:
-        from titanax import logging
-
-        loggers: list[Any] = [logging.Basic(progress=self.progress)]
+        """The loggers: ``Basic``, and ``CSV`` / ``TensorBoard`` when their paths are set."""
+        loggers: list[Any] = [tx_logging.Basic(progress=self.progress)]
         if self.csv:
-            loggers.append(logging.CSV(self.csv))
+            loggers.append(tx_logging.CSV(self.csv))
         if self.tensorboard:
-            loggers.append(logging.TensorBoard(self.tensorboard))
+            loggers.append(tx_logging.TensorBoard(self.tensorboard))
         return loggers
 
 
@@ -326,13 +310,15 @@ class TrainConfig:
     is skipped); ``None``: 1, or enough for a dynamic loss scale to fall to 1 (``Engine(on_nonfinite=)``)."""
 
     def __post_init__(self) -> None:
-        _positive("train", steps=self.steps, eval_every=self.eval_every, on_nonfinite=self.on_nonfinite)
+        _positive(TrainConfig, "train", steps=self.steps, eval_every=self.eval_every, on_nonfinite=self.on_nonfinite)
         if self.seed < 0:
-            raise ConfigError(f"train.seed={self.seed} is negative", suggestion="use a seed >= 0")
+            raise ConfigError(f"train.seed={self.seed} is negative", suggestion="use a seed >= 0",
+                              owner="TrainConfig", field="seed", value=self.seed)
         if self.seed >= 2**32:  # JAX keys (without jax_enable_x64) keep the low 32 bits only
             raise ConfigError(f"train.seed={self.seed} does not fit in 32 bits",
                               suggestion=f"use a seed below 2**32 = {2**32}: JAX would keep only the low 32 "
-                              f"bits and train exactly as with train.seed={self.seed % 2**32}")
+                              f"bits and train exactly as with train.seed={self.seed % 2**32}",
+                              owner="TrainConfig", field="seed", value=self.seed)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -372,11 +358,29 @@ class RunConfig:
         if every is not None and self.train.eval_step is not None and every % self.logging.every:
             raise ConfigError(
                 f"train.eval_every={every} is not a multiple of logging.every={self.logging.every}",
-                suggestion="evaluations happen at log steps: make train.eval_every a multiple of logging.every")
+                suggestion="evaluations happen at log steps: make train.eval_every a multiple of logging.every",
+                owner=OWNER, field=("train.eval_every", "logging.every"), value=(every, self.logging.every))
 
 
-def did_you_mean(word: str, options: Any) -> str:
-    import difflib
+# -------------------------------------------------------------------------------- the schema's keys
+def key_hint(key: str) -> Any:
+    """The type the schema gives a dotted key (``plan.fsdp.axis`` -> ``str``), or ``None`` when
+    the schema has no such key (or it lies inside a free mapping such as ``optimizer.args``)."""
+    hint: Any = RunConfig
+    for part in key.split(".") if key else ():
+        hint = strip_optional(hint)
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hints = typing.get_type_hints(hint)
+        if part not in hints:
+            return None
+        hint = hints[part]
+    return hint
 
-    match = difflib.get_close_matches(str(word), list(options), n=1)
-    return f" (did you mean {match[0]}?)" if match else ""
+
+def keys_under(section: str) -> list[str] | None:
+    """The keys of a section (``""``: the top level), or ``None`` when ``section`` is no section."""
+    hint = strip_optional(key_hint(section))
+    if not dataclasses.is_dataclass(hint):
+        return None
+    return [f.name for f in dataclasses.fields(hint)]

@@ -1,9 +1,14 @@
 """Data: deterministic resumable loading, and host-local batches to global sharded arrays.
 
 Example:
-  >>> loader = tx.data.ArrayLoader({"image": x, "label": y}, batch_size=256, seed=0)  # doctest: +SKIP
+  >>> mesh = tx.MeshSpec(axes=("data",)).build()
+  >>> plan = tx.Plan(data_parallel=tx.DP(axis="data"))
+  >>> x, y = np.zeros((1024, 28, 28), np.float32), np.zeros(1024, np.int32)
+  >>> loader = tx.data.ArrayLoader({"image": x, "label": y}, batch_size=256, seed=0)
   >>> data = tx.data.prefetch_to_device(loader, mesh=mesh, rules_or_plan=plan)
   >>> batch = next(data)          # {"image": jax.Array split over the batch axes, ...}
+  >>> batch["image"].sharding.spec
+  P('data', None, None)
   >>> resume_from = data.state()  # the loader state after the batches actually handed out
 """
 

@@ -45,7 +45,7 @@ class DataShard(NamedTuple):
     count: int
 
 
-class _BatchLayout(NamedTuple):
+class BatchLayout(NamedTuple):
     """What :func:`to_global` needs to know about a (mesh, rules) pair, computed once."""
 
     mesh: Mesh
@@ -61,7 +61,7 @@ def _spec_entry(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
 
 def _resolve(mesh: Mesh | None, rules_or_plan: RulesOrPlan) -> tuple[Mesh, Rules]:
     # Imported here: shard.py imports Flax, which the data module itself does not otherwise need.
-    from titanax.parallel.shard import resolve_mesh, resolve_rules
+    from titanax.parallel.resolve import resolve_mesh, resolve_rules
 
     mesh = resolve_mesh(mesh)
     _, rules = resolve_rules(rules_or_plan, mesh)
@@ -110,19 +110,19 @@ def _data_shard(
     return DataShard(groups.index(frozenset(rows[me])), len(groups))
 
 
-def _layout_uncached(mesh: Mesh, rules_or_plan: RulesOrPlan) -> _BatchLayout:
+def _layout_uncached(mesh: Mesh, rules_or_plan: RulesOrPlan) -> BatchLayout:
     mesh, rules = _resolve(mesh, rules_or_plan)
     axes = batch_axes(rules, mesh.shape)
     shard = _data_shard(mesh, axes, lambda d: d.process_index, jax.process_index())
-    return _BatchLayout(mesh, rules, axes, math.prod(mesh.shape[a] for a in axes), shard)
+    return BatchLayout(mesh, rules, axes, math.prod(mesh.shape[a] for a in axes), shard)
 
 
 @functools.lru_cache(maxsize=64)
-def _layout_cached(mesh: Mesh, rules_or_plan: RulesOrPlan) -> _BatchLayout:
+def _layout_cached(mesh: Mesh, rules_or_plan: RulesOrPlan) -> BatchLayout:
     return _layout_uncached(mesh, rules_or_plan)
 
 
-def _layout(mesh: Mesh | None, rules_or_plan: RulesOrPlan) -> _BatchLayout:
+def batch_layout(mesh: Mesh | None, rules_or_plan: RulesOrPlan) -> BatchLayout:
     # Validating the plan and walking the devices once per (mesh, plan), not once per batch.
     if mesh is not None and isinstance(mesh, Hashable) and isinstance(rules_or_plan, Hashable):
         try:
@@ -132,7 +132,7 @@ def _layout(mesh: Mesh | None, rules_or_plan: RulesOrPlan) -> _BatchLayout:
     return _layout_uncached(mesh, rules_or_plan)
 
 
-def _check_divisible(global_batch: int, layout: _BatchLayout, local_batch: int | None = None) -> None:
+def _check_divisible(global_batch: int, layout: BatchLayout, local_batch: int | None = None) -> None:
     if global_batch % layout.devices == 0:
         return
     n = layout.devices
@@ -166,11 +166,14 @@ def process_data_shard(mesh: Mesh, rules_or_plan: RulesOrPlan) -> DataShard:
       ShardingError: the processes' devices do not cut the batch into equal disjoint parts.
 
     Example:
-      >>> shard = process_data_shard(mesh, plan)                              # doctest: +SKIP
-      >>> loader = ArrayLoader(arrays, batch_size=256, process_index=shard.index,
-      ...                      process_count=shard.count)
+      >>> mesh = tx.MeshSpec(axes=("data",)).build()
+      >>> shard = tx.data.process_data_shard(mesh, tx.Plan(data_parallel=tx.DP(axis="data")))
+      >>> shard                                           # one process owns the whole batch
+      DataShard(index=0, count=1)
+      >>> loader = tx.data.ArrayLoader({"x": np.zeros((512, 4))}, batch_size=256,
+      ...                              process_index=shard.index, process_count=shard.count)
     """
-    return _layout(mesh, rules_or_plan).shard
+    return batch_layout(mesh, rules_or_plan).shard
 
 
 def global_batch_size(local_batch_size: int, mesh: Mesh, rules_or_plan: RulesOrPlan) -> int:
@@ -185,10 +188,11 @@ def global_batch_size(local_batch_size: int, mesh: Mesh, rules_or_plan: RulesOrP
       ``local_batch_size * process_data_shard(mesh, rules_or_plan).count``.
 
     Example:
-      >>> global_batch_size(32, mesh, plan)    # one process                 # doctest: +SKIP
+      >>> mesh = tx.MeshSpec(axes=("data",)).build()
+      >>> tx.data.global_batch_size(32, mesh, tx.Plan(data_parallel=tx.DP(axis="data")))  # one process
       32
     """
-    return int(local_batch_size) * _layout(mesh, rules_or_plan).shard.count
+    return int(local_batch_size) * batch_layout(mesh, rules_or_plan).shard.count
 
 
 def batch_sharding(mesh: Mesh, rules_or_plan: RulesOrPlan, shape: tuple[int, ...]) -> NamedSharding:
@@ -210,12 +214,13 @@ def batch_sharding(mesh: Mesh, rules_or_plan: RulesOrPlan, shape: tuple[int, ...
       PlanError: the plan does not fit the mesh.
 
     Example:
-      >>> plan = tx.Plan(data_parallel=tx.DP(axis="data"))                   # doctest: +SKIP
-      >>> batch_sharding(mesh, plan, (64, 28, 28, 1)).spec
-      PartitionSpec('data', None, None, None)
+      >>> mesh = tx.MeshSpec(axes=("data",)).build()
+      >>> plan = tx.Plan(data_parallel=tx.DP(axis="data"))
+      >>> tx.data.batch_sharding(mesh, plan, (64, 28, 28, 1)).spec
+      P('data', None, None, None)
     """
     shape = tuple(int(d) for d in shape)
-    layout = _layout(mesh, rules_or_plan)
+    layout = batch_layout(mesh, rules_or_plan)
     if not shape:
         return NamedSharding(layout.mesh, PartitionSpec())
     _check_divisible(shape[0], layout)
@@ -269,13 +274,13 @@ def to_global(local_batch: Any, mesh: Mesh, rules_or_plan: RulesOrPlan) -> Any:
       TitanaxError: a leaf is not numeric, or is already a global array.
 
     Example:
-      >>> mesh = tx.MeshSpec(axes=("data",)).build()                         # doctest: +SKIP
-      >>> batch = to_global({"x": np.zeros((64, 784), np.float32)}, mesh,
+      >>> mesh = tx.MeshSpec(axes=("data",)).build()
+      >>> batch = tx.data.to_global({"x": np.zeros((64, 784), np.float32)}, mesh,
       ...                   tx.Plan(data_parallel=tx.DP(axis="data")))
       >>> batch["x"].sharding.spec
-      PartitionSpec('data', None)
+      P('data', None)
     """
-    layout = _layout(mesh, rules_or_plan)
+    layout = batch_layout(mesh, rules_or_plan)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(local_batch)
     arrays = [_host_array(path, leaf) for path, leaf in leaves]
     leading = {_leaf_name(path): a.shape[0] for (path, _), a in zip(leaves, arrays) if a.ndim}

@@ -61,10 +61,15 @@ class ArrayLoader(Iterator[dict[str, np.ndarray]]):
         not divide by ``process_count``, a bad index or count.
 
     Example:
-      >>> loader = ArrayLoader({"x": x, "y": y}, batch_size=128, seed=0)      # doctest: +SKIP
+      >>> x, y = np.zeros((512, 2), np.float32), np.arange(512)
+      >>> loader = tx.data.ArrayLoader({"x": x, "y": y}, batch_size=128, seed=0)
       >>> batch = next(loader)               # {"x": x[idx], "y": y[idx]}, this process's slice
+      >>> batch["x"].shape
+      (128, 2)
       >>> saved = loader.state()             # JSON-serialisable; store it with the checkpoint
-      >>> resumed = ArrayLoader.from_state({"x": x, "y": y}, saved)
+      >>> resumed = tx.data.ArrayLoader.from_state({"x": x, "y": y}, saved)
+      >>> bool((next(resumed)["y"] == next(loader)["y"]).all())   # the same next batch
+      True
     """
 
     def __init__(

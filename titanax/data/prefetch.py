@@ -19,7 +19,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from titanax.data.global_batch import DataShard, RulesOrPlan, _layout, to_global
+from titanax.data.global_batch import DataShard, RulesOrPlan, batch_layout, to_global
 from titanax.data.loader import ArrayLoader
 from titanax.exceptions import ShardingError, TitanaxError
 
@@ -51,7 +51,7 @@ class DevicePrefetcher(Iterator[Any]):
                 suggestion="pass an ArrayLoader, a generator, or any iterator of dicts of NumPy arrays",
             )
         # Resolve now: a plan that does not fit the mesh fails here, not at the first batch.
-        layout = _layout(mesh, rules_or_plan)
+        layout = batch_layout(mesh, rules_or_plan)
         _check_source_shard(source, layout.shard)
         self.size = size
         self.source = source
@@ -108,9 +108,12 @@ class DevicePrefetcher(Iterator[Any]):
           TitanaxError: the source has no ``state()`` method.
 
         Example:
-          >>> data = prefetch_to_device(loader, mesh=mesh, rules_or_plan=plan)   # doctest: +SKIP
+          >>> mesh = tx.MeshSpec(axes=("data",)).build()
+          >>> loader = tx.data.ArrayLoader({"x": np.zeros((256, 2))}, batch_size=64)
+          >>> data = tx.data.prefetch_to_device(loader, mesh=mesh, rules_or_plan=tx.presets.data_parallel())
           >>> batch = next(data)
-          >>> checkpoint_extra = {"data": data.state()}   # not loader.state(): that is ahead
+          >>> data.state()["position"]     # one batch handed out; the loader itself has run ahead
+          1
         """
         if not callable(getattr(self.source, "state", None)):
             raise TitanaxError(
@@ -208,10 +211,13 @@ def prefetch_to_device(
         mesh and plan.
 
     Example:
-      >>> loader = tx.data.ArrayLoader({"x": x, "y": y}, batch_size=64)     # doctest: +SKIP
-      >>> data = tx.data.prefetch_to_device(loader, mesh=mesh, rules_or_plan=plan)
-      >>> for step, batch in zip(range(100), data):
-      ...     state, metrics = train_step(state, batch)
-      >>> save(state, data_state=data.state())
+      >>> mesh = tx.MeshSpec(axes=("data",)).build()
+      >>> loader = tx.data.ArrayLoader({"x": np.zeros((256, 2)), "y": np.arange(256)}, batch_size=64)
+      >>> data = tx.data.prefetch_to_device(loader, mesh=mesh, rules_or_plan=tx.presets.data_parallel())
+      >>> for step, batch in zip(range(3), data):
+      ...     pass                                # state, metrics = train_step(state, batch)
+      >>> batch["y"].sharding.spec                # on the devices, split over the batch axes
+      P('data',)
+      >>> resume_from = data.state()              # save it with the checkpoint
     """
     return DevicePrefetcher(iterator, mesh=mesh, rules_or_plan=rules_or_plan, size=size)

@@ -39,18 +39,25 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import operator
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType
 
-from titanax.exceptions import CollectiveError, TitanaxWarning
+from titanax.exceptions import CollectiveError
+from titanax.exec.collective_checks import (
+    AxisName,
+    axes_size,
+    check_axes,
+    dimension_argument,
+    int_argument,
+    jax_axis,
+    leaves_with_paths,
+    refuse_already_reduced,
+    replication_errors,
+)
 from titanax.parallel.manual import varying_axes
 
 __all__ = [
@@ -66,153 +73,6 @@ __all__ = [
     "AxisName",
 ]
 
-AxisName = Union[str, tuple[str, ...]]
-"""One mesh axis name, or a tuple of them (the collective then runs over their product)."""
-
-_MANUAL_HINT = ("run the step in manual mode with @tx.step_fn(manual=True), or wrap the function "
-                "in jax.shard_map(f, mesh=mesh, in_specs=..., out_specs=...); in Titanax's default "
-                "(GSPMD) mode XLA inserts collectives by itself, so the explicit call can go")
-
-
-# --------------------------------------------------------------------------- axis checking
-
-def _axis_names(op: str, axis_name: Any) -> tuple[str, ...]:
-    """The axis names as a tuple, or a CollectiveError for a malformed ``axis_name``."""
-    names = (axis_name,) if isinstance(axis_name, str) else axis_name
-    if not isinstance(names, (tuple, list)) or not names or not all(isinstance(n, str) for n in names):
-        raise CollectiveError(
-            f"tx.collectives.{op}: axis_name must be a mesh axis name or a non-empty tuple of "
-            f"them, got {axis_name!r}",
-            suggestion=f'e.g. tx.collectives.{op}(x, "data") or tx.collectives.{op}(x, ("data", "model"))')
-    names = tuple(names)
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise CollectiveError(
-            f"tx.collectives.{op}: axis {dupes[0]!r} appears more than once in {names!r}",
-            suggestion=f"name each mesh axis once: {tuple(dict.fromkeys(names))!r}")
-    return names
-
-
-def _bound_elsewhere(name: str) -> bool:
-    """Whether ``name`` is bound by something other than a shard_map mesh (e.g. ``jax.vmap``)."""
-    try:
-        jax.lax.axis_size(name)
-    except (NameError, AssertionError, KeyError, ValueError):
-        return False
-    return True
-
-
-def _check_axes(op: str, axis_name: Any) -> tuple[str, ...]:
-    """Validate that every axis in ``axis_name`` is a manual axis here; return them as a tuple."""
-    names = _axis_names(op, axis_name)
-    mesh = jax.sharding.get_abstract_mesh()
-    mesh_axes: tuple[str, ...] = () if mesh.empty else tuple(mesh.axis_names)
-    types = () if mesh.empty else tuple(mesh.axis_types)
-    manual = tuple(n for n, t in zip(mesh_axes, types) if t == AxisType.Manual)
-    for name in names:
-        if name in manual or _bound_elsewhere(name):
-            continue
-        if not manual:
-            where = (f"the current mesh ({', '.join(mesh_axes)}) has no manual axis"
-                     if mesh_axes else "no mesh axis is bound here")
-            raise CollectiveError(
-                f"tx.collectives.{op} over axis {name!r} called outside any shard_map: {where}",
-                suggestion=_MANUAL_HINT)
-        if name in mesh_axes:
-            raise CollectiveError(
-                f"tx.collectives.{op}: mesh axis {name!r} is automatic, not manual, in this "
-                f"shard_map; manual axes here: {', '.join(manual)}",
-                suggestion=f"add {name!r} to the shard_map's axis_names (or leave axis_names "
-                           f"unset so every mesh axis is manual), or collect over "
-                           f"{manual[0]!r} only")
-        close = difflib.get_close_matches(name, manual, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise CollectiveError(
-            f"tx.collectives.{op}: {name!r} is not an axis of the current mesh; "
-            f"available axes: {', '.join(manual)}",
-            suggestion=f"{hint}use one of {', '.join(repr(m) for m in manual)}, or add the axis "
-                       "to the mesh (tx.MeshSpec(axes=...))")
-    return names
-
-
-def _jax_axis(names: tuple[str, ...]) -> AxisName:
-    return names[0] if len(names) == 1 else names
-
-
-def _size(names: tuple[str, ...]) -> int:
-    return int(jax.lax.axis_size(_jax_axis(names)))
-
-
-@contextlib.contextmanager
-def _replication_errors(op: str, names: tuple[str, ...]) -> Iterator[None]:
-    """Turn JAX's replication-type (vma) error for mixed varying/replicated axes into words."""
-    try:
-        yield
-    except ValueError as e:
-        text = str(e)
-        if "invarying" not in text:
-            raise
-        raise CollectiveError(
-            f"tx.collectives.{op} over {names!r}: the value varies along some of these axes but is "
-            "already the same on every device (replicated) along others, so reducing over those "
-            "would count each value once per device. JAX says: " + text.splitlines()[0],
-            suggestion=f"reduce only over the axes the value varies along (check the "
-                       f"shard_map's in_specs), or, if the multiple is intended, mark it varying "
-                       f"first: jax.lax.pcast(x, {_jax_axis(names)!r}, to='varying')") from e
-
-
-def _already_reduced(op: str, x: Any, names: tuple[str, ...]) -> None:
-    """Refuse (psum) or report (pmean) leaves that are already identical along every axis in
-    ``names``; only possible where JAX tracks which values vary (``check_vma=True``)."""
-    if not all(n in varying_axes(jax.lax.axis_index(n)) for n in names):
-        return  # replication is not tracked here: every value looks replicated
-    same = [path for path, leaf in _leaves_with_paths(x)
-            if isinstance(leaf, jax.Array) and not varying_axes(leaf) & set(names)]
-    if not same:
-        return
-    axis = _jax_axis(names)
-    n = _size(names)
-    shown = ", ".join(same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3 else "")
-    message = (f"tx.collectives.{op} over {axis!r}: {shown} is already the same on every device "
-               f"along {axis!r} (reduced before, e.g. by a pmean or psum, or never split)")
-    if op == "psum":
-        raise CollectiveError(
-            f"{message}, so the sum would multiply it by {n}",
-            suggestion="reduce each value once (grads = tx.collectives.pmean(grads, axis) alone); if "
-            f"the multiple is intended, write x * tx.collectives.axis_size({axis!r})")
-    warnings.warn(f"{message}: the mean returns it unchanged; if an earlier psum reduced it, it is a "
-                  "sum, not a mean. Reduce each value once.", TitanaxWarning, stacklevel=3)
-
-
-def _leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(jax.tree_util.keystr(path) or "x", leaf) for path, leaf in flat]
-
-
-def _int(op: str, name: str, value: Any) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise CollectiveError(f"tx.collectives.{op}: {name} must be an int, got {value!r}",
-                              suggestion=f"pass a Python int for {name}") from None
-
-
-def _dimension(op: str, arg: str, dim: int, ndim: int, path: str, *, extra: int = 0) -> int:
-    """Normalize a (possibly negative) dimension for an array of rank ``ndim + extra``."""
-    rank = ndim + extra
-    if not -rank <= dim < rank:
-        valid = f"{-rank}..{rank - 1}" if rank else "none (the array is a scalar)"
-        raise CollectiveError(
-            f"tx.collectives.{op}: {arg}={dim} is out of range for leaf {path} of rank {ndim}; "
-            f"valid: {valid}",
-            suggestion=f"pass {arg} within {valid}" if rank else
-                       "reshape the scalar to shape (1,) first, or use tiled=False")
-    return dim % rank
-
-
-# --------------------------------------------------------------------------- collectives
 
 def psum(x: Any, axis_name: AxisName) -> Any:
     """Sum ``x`` over the devices along ``axis_name``: every device gets the total.
@@ -235,10 +95,10 @@ def psum(x: Any, axis_name: AxisName) -> Any:
     Example:
       >>> grads = tx.collectives.psum(grads, "data")          # doctest: +SKIP
     """
-    names = _check_axes("psum", axis_name)
-    _already_reduced("psum", x, names)
-    with _replication_errors("psum", names):
-        return jax.lax.psum(x, _jax_axis(names))
+    names = check_axes("psum", axis_name)
+    refuse_already_reduced("psum", x, names)
+    with replication_errors("psum", names):
+        return jax.lax.psum(x, jax_axis(names))
 
 
 def pmean(x: Any, axis_name: AxisName) -> Any:
@@ -260,10 +120,10 @@ def pmean(x: Any, axis_name: AxisName) -> Any:
     Example:
       >>> grads = tx.collectives.pmean(grads, "data")         # doctest: +SKIP
     """
-    names = _check_axes("pmean", axis_name)
-    _already_reduced("pmean", x, names)
-    with _replication_errors("pmean", names):
-        return jax.lax.pmean(x, _jax_axis(names))
+    names = check_axes("pmean", axis_name)
+    refuse_already_reduced("pmean", x, names)
+    with replication_errors("pmean", names):
+        return jax.lax.pmean(x, jax_axis(names))
 
 
 def all_gather(x: Any, axis_name: AxisName, *, gather_dimension: int = 0,
@@ -293,16 +153,16 @@ def all_gather(x: Any, axis_name: AxisName, *, gather_dimension: int = 0,
     Example:
       >>> full = tx.collectives.all_gather(shard, "model", gather_dimension=-1, tiled=True)  # doctest: +SKIP
     """
-    names = _check_axes("all_gather", axis_name)
-    dim = _int("all_gather", "gather_dimension", gather_dimension)
+    names = check_axes("all_gather", axis_name)
+    dim = int_argument("all_gather", "gather_dimension", gather_dimension)
     tiled = bool(tiled)
     dims = []
-    for path, leaf in _leaves_with_paths(x):
-        dims.append(_dimension("all_gather", "gather_dimension", dim, jnp.ndim(leaf), path,
+    for path, leaf in leaves_with_paths(x):
+        dims.append(dimension_argument("all_gather", "gather_dimension", dim, jnp.ndim(leaf), path,
                                extra=0 if tiled else 1))
     leaves, treedef = jax.tree.flatten(x)
-    with _replication_errors("all_gather", names):
-        out = [jax.lax.all_gather(leaf, _jax_axis(names), axis=d, tiled=tiled)
+    with replication_errors("all_gather", names):
+        out = [jax.lax.all_gather(leaf, jax_axis(names), axis=d, tiled=tiled)
                for leaf, d in zip(leaves, dims)]
     return jax.tree.unflatten(treedef, out)
 
@@ -332,18 +192,18 @@ def reduce_scatter(x: Any, axis_name: AxisName, *, scatter_dimension: int = 0,
     Example:
       >>> grad_shard = tx.collectives.reduce_scatter(grads, "data")   # doctest: +SKIP
     """
-    names = _check_axes("reduce_scatter", axis_name)
-    dim = _int("reduce_scatter", "scatter_dimension", scatter_dimension)
+    names = check_axes("reduce_scatter", axis_name)
+    dim = int_argument("reduce_scatter", "scatter_dimension", scatter_dimension)
     tiled = bool(tiled)
-    n = _size(names)
+    n = axes_size(names)
     dims = []
-    for path, leaf in _leaves_with_paths(x):
+    for path, leaf in leaves_with_paths(x):
         shape = jnp.shape(leaf)
-        d = _dimension("reduce_scatter", "scatter_dimension", dim, len(shape), path)
+        d = dimension_argument("reduce_scatter", "scatter_dimension", dim, len(shape), path)
         if tiled and shape[d] % n:
             raise CollectiveError(
                 f"tx.collectives.reduce_scatter: leaf {path} has size {shape[d]} in dimension "
-                f"{d}, not divisible by the size {n} of axis {_jax_axis(names)!r}",
+                f"{d}, not divisible by the size {n} of axis {jax_axis(names)!r}",
                 suggestion=f"pad dimension {d} to a multiple of {n}, or scatter another "
                            "dimension (scatter_dimension=...)")
         if not tiled and shape[d] != n:
@@ -353,8 +213,8 @@ def reduce_scatter(x: Any, axis_name: AxisName, *, scatter_dimension: int = 0,
                 suggestion="use tiled=True to split the dimension into blocks")
         dims.append(d)
     leaves, treedef = jax.tree.flatten(x)
-    with _replication_errors("reduce_scatter", names):
-        out = [jax.lax.psum_scatter(leaf, _jax_axis(names), scatter_dimension=d, tiled=tiled)
+    with replication_errors("reduce_scatter", names):
+        out = [jax.lax.psum_scatter(leaf, jax_axis(names), scatter_dimension=d, tiled=tiled)
                for leaf, d in zip(leaves, dims)]
     return jax.tree.unflatten(treedef, out)
 
@@ -383,11 +243,11 @@ def ppermute(x: Any, axis_name: AxisName, perm: Iterable[Sequence[int]]) -> Any:
       >>> n = tx.collectives.axis_size("pipe")                                  # doctest: +SKIP
       >>> h = tx.collectives.ppermute(h, "pipe", [(i, (i + 1) % n) for i in range(n)])  # doctest: +SKIP
     """
-    names = _check_axes("ppermute", axis_name)
-    n = _size(names)
-    pairs = _permutation(perm, n, _jax_axis(names))
-    with _replication_errors("ppermute", names):
-        return jax.lax.ppermute(x, _jax_axis(names), pairs)
+    names = check_axes("ppermute", axis_name)
+    n = axes_size(names)
+    pairs = _permutation(perm, n, jax_axis(names))
+    with replication_errors("ppermute", names):
+        return jax.lax.ppermute(x, jax_axis(names), pairs)
 
 
 def _permutation(perm: Any, n: int, axis: AxisName) -> list[tuple[int, int]]:
@@ -447,21 +307,21 @@ def broadcast(x: Any, axis_name: AxisName, *, source: int = 0) -> Any:
     Example:
       >>> params = tx.collectives.broadcast(params, "data", source=0)   # doctest: +SKIP
     """
-    names = _check_axes("broadcast", axis_name)
-    n = _size(names)
-    src = _int("broadcast", "source", source)
+    names = check_axes("broadcast", axis_name)
+    n = axes_size(names)
+    src = int_argument("broadcast", "source", source)
     if not 0 <= src < n:
         raise CollectiveError(
             f"tx.collectives.broadcast: source={src} is out of range for axis "
-            f"{_jax_axis(names)!r} of size {n}",
+            f"{jax_axis(names)!r} of size {n}",
             suggestion=f"pass source in [0, {n})")
-    is_source = jax.lax.axis_index(_jax_axis(names)) == src
+    is_source = jax.lax.axis_index(jax_axis(names)) == src
 
     def send(leaf: Any) -> Any:
         leaf = jnp.asarray(leaf)
         wire = leaf.astype(jnp.int32) if leaf.dtype == jnp.bool_ else leaf
         masked = jnp.where(is_source, wire, jnp.zeros_like(wire))
-        return jax.lax.psum(masked, _jax_axis(names)).astype(leaf.dtype)
+        return jax.lax.psum(masked, jax_axis(names)).astype(leaf.dtype)
 
     return jax.tree.map(send, x)
 
@@ -482,8 +342,8 @@ def axis_index(axis_name: AxisName) -> jax.Array:
     Example:
       >>> is_first_stage = tx.collectives.axis_index("pipe") == 0   # doctest: +SKIP
     """
-    names = _check_axes("axis_index", axis_name)
-    return jax.lax.axis_index(_jax_axis(names))
+    names = check_axes("axis_index", axis_name)
+    return jax.lax.axis_index(jax_axis(names))
 
 
 def axis_size(axis_name: AxisName) -> int:
@@ -501,5 +361,5 @@ def axis_size(axis_name: AxisName) -> int:
     Example:
       >>> n = tx.collectives.axis_size(("data", "model"))   # doctest: +SKIP
     """
-    return _size(_check_axes("axis_size", axis_name))
+    return axes_size(check_axes("axis_size", axis_name))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import collections
 import contextlib
+import logging
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -18,18 +18,21 @@ from flax import nnx
 
 from titanax.data import DevicePrefetcher, to_global
 from titanax.io.checkpoint import CheckpointStrategy
-from titanax.exceptions import PlanError, TitanaxError
+from titanax.exceptions import ConfigError, PlanError, TitanaxError
 from titanax.exec.nonfinite import NonFiniteWatch, default_limit
 from titanax.exec.precision import Precision
 from titanax.exec.state import TrainState, create_train_state
 from titanax.exec.step import StepFunction, layout_key, scalar_metrics, step_fn
 from titanax.logging import Logger, MultiLogger, ThroughputMeter, peak_flops_per_device
 from titanax.parallel.plan import Plan
-from titanax.parallel.shard import ShardedModel, resolve_mesh, resolve_rules, shard
+from titanax.parallel.resolve import resolve_mesh, resolve_rules
+from titanax.parallel.shard import shard
+from titanax.parallel.sharded_model import ShardedModel
+
+_log = logging.getLogger("titanax.engine")
 
 __all__ = ["Engine", "Hook"]
 
-CheckpointHook = CheckpointStrategy  # the engine-side name of the protocol
 
 Hook = Callable[[int, TrainState, Mapping[str, float]], None]
 """Called at every log interval with the step, the state and the fetched metrics."""
@@ -39,10 +42,19 @@ class Engine:
     """Trains a sharded model: compiled steps, microbatching, logging, evaluation, checkpoints.
 
     Example:
-      >>> engine = tx.Engine(mesh=mesh, plan=plan, optimizer=tx.optim.adamw(3e-4),  # doctest: +SKIP
-      ...                    loggers=[tx.logging.Basic()])
-      >>> state = engine.init(model, example=batch["image"])
-      >>> state = engine.fit(train_step, data=loader, steps=1_000)
+      >>> mesh = tx.MeshSpec(axes=("data",)).build()
+      >>> engine = tx.Engine(mesh=mesh, plan=tx.Plan(data_parallel=tx.DP()), optimizer=tx.optim.sgd(0.1))
+      >>> state = engine.init(nn.Dense(1), example=jnp.ones((16, 3)))
+      >>> @tx.step_fn
+      ... def train_step(state, batch):
+      ...     loss_fn = lambda params: jnp.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
+      ...     loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      ...     return state.apply_gradients(grads=grads), {"loss": loss}
+      >>> data = tx.data.ArrayLoader({"x": np.ones((64, 3), np.float32),
+      ...                             "y": np.zeros((64, 1), np.float32)}, batch_size=16)
+      >>> state = engine.fit(train_step, data=data, steps=4)
+      >>> int(state.step)
+      4
     """
 
     def __init__(
@@ -72,7 +84,8 @@ class Engine:
           loggers: where metrics go; only process 0 writes.
           log_every: steps between metric fetches (the only host-device sync of the loop).
           flops_per_example: model FLOPs per example for MFU; ``None`` reads the compiled step's
-            cost analysis (per device, scaled by the microbatch count).
+            cost analysis (per device, every loop counted per trip; an upper bound under pipeline
+            parallelism, whose idle slots count as busy).
           tokens_per_example: tokens in one example (a sequence model's length), to log tokens/s.
           peak_flops: peak FLOP/s of one device for MFU; ``None`` looks the device kind up.
           prefetch: batches kept in flight to the devices.
@@ -94,25 +107,30 @@ class Engine:
         self.checkpoint = checkpoint
         self.logger = MultiLogger(list(loggers))
         if not isinstance(log_every, int) or log_every < 1:
-            raise PlanError(f"Engine(log_every={log_every!r}) must be a positive integer",
-                            suggestion="use log_every=10")
+            raise ConfigError(f"Engine(log_every={log_every!r}) must be a positive integer",
+                              suggestion="use log_every=10", owner="Engine", field="log_every", value=log_every)
         self.log_every = log_every
         self.flops_per_example = flops_per_example
         self.tokens_per_example = tokens_per_example
         self.peak_flops = peak_flops
         self.prefetch = prefetch
         if not isinstance(max_steps_in_flight, int) or max_steps_in_flight < 1:
-            raise PlanError(f"Engine(max_steps_in_flight={max_steps_in_flight!r}) must be a positive integer",
-                            suggestion="use max_steps_in_flight=4")
+            raise ConfigError(f"Engine(max_steps_in_flight={max_steps_in_flight!r}) must be a positive integer",
+                              suggestion="use max_steps_in_flight=4", owner="Engine", field="max_steps_in_flight",
+                              value=max_steps_in_flight)
         self.max_steps_in_flight = max_steps_in_flight
         if on_nonfinite is None:
             on_nonfinite = default_limit(self.precision)
         if not isinstance(on_nonfinite, int) or isinstance(on_nonfinite, bool) or on_nonfinite < 1:
-            raise PlanError(f"Engine(on_nonfinite={on_nonfinite!r}) must be a positive integer",
-                            suggestion="stop at the first non-finite step with on_nonfinite=1, or allow "
-                            "a few bad batches in a row with e.g. on_nonfinite=3")
+            raise ConfigError(f"Engine(on_nonfinite={on_nonfinite!r}) must be a positive integer",
+                              suggestion="stop at the first non-finite step with on_nonfinite=1, or allow "
+                              "a few bad batches in a row with e.g. on_nonfinite=3",
+                              owner="Engine", field="on_nonfinite", value=on_nonfinite)
         self.on_nonfinite = on_nonfinite
         self.state: TrainState | None = None
+        # The signal that ended the last fit early (its step saved), or None: the caller decides
+        # whether to exit; the CLI returns success so the scheduler can requeue the same command.
+        self.stopped_by: str | None = None
 
     # ------------------------------------------------------------------------------------ init
     def init(self, model: Any, example: Any = None, *, rng: int | jax.Array = 0, params: Any = None,
@@ -181,7 +199,12 @@ class Engine:
           hooks: called at each log interval with ``(step, state, metrics)``.
 
         Returns:
-          The final state (also kept as ``engine.state``).
+          The final state (also kept as ``engine.state``). With a checkpoint, SIGTERM or SIGINT
+          stops training after the current step, which is saved: ``fit`` then returns early with
+          :attr:`stopped_by` set to the signal's name (``None`` otherwise) and logs a warning on
+          the ``titanax`` logger; whether to exit is the caller's decision (``titanax run`` exits
+          with status 0, so a scheduler can requeue the same command). Messages such as the step
+          resumed from are logged at INFO on ``titanax.engine``.
         """
         state = state if state is not None else self.state
         if state is None:
@@ -201,15 +224,15 @@ class Engine:
                 if jax.process_index() == 0:
                     at = int(jax.device_get(state.step))
                     where = getattr(self.checkpoint, "directory", None)
-                    print(f"resumed from the checkpoint of step {at}" + (f" in {where}" if where else "")
-                          + (f"; it already reached steps={steps}, nothing to train" if at >= steps else ""),
-                          flush=True)
+                    _log.info("resumed from the checkpoint of step %d%s%s", at, f" in {where}" if where else "",
+                              f"; it already reached steps={steps}, nothing to train" if at >= steps else "")
         start = int(jax.device_get(state.step))
         if start >= steps:
             self.state = state
             return state
         self.logger.start(total_steps=steps, start_step=start)
         preempted: list[str] = []
+        self.stopped_by = None
         with contextlib.ExitStack() as stack:
             if self.checkpoint is not None:
                 stack.enter_context(_catch_preemption(preempted))
@@ -217,10 +240,10 @@ class Engine:
                                eval_summary, hooks, preempted)
         self.state = state
         if preempted:
+            self.stopped_by = preempted[0]
             where = getattr(self.checkpoint, "directory", "the checkpoint directory")
-            print(f"titanax: stopped by {preempted[0]} at step {int(jax.device_get(state.step))}; the "
-                  f"checkpoint is in {where}. Run the same command again to resume.", file=sys.stderr)
-            raise SystemExit(0)
+            _log.warning("stopped by %s at step %d; the checkpoint is in %s. Run the same command "
+                         "again to resume.", preempted[0], int(jax.device_get(state.step)), where)
         return state
 
     def _loop(self, step: StepFunction, state: TrainState, batches: Iterator[Any], start: int,
@@ -371,9 +394,9 @@ class Engine:
         elif peak is not None:  # only worth a look at the compiled program when MFU can be shown
             from titanax.profiling import inspect
 
-            # XLA reports per-device FLOPs and counts a scanned microbatch loop's body once.
+            # Per-device FLOPs, the microbatch loop counted per trip (inspect walks the loops).
             stats = inspect(step.lower(state, batch).compile())
-            flops = None if stats.flops is None else stats.flops * self.mesh.size * state.accumulate_steps
+            flops = None if stats.flops is None else stats.flops * self.mesh.size
         tokens = None if self.tokens_per_example is None else self.tokens_per_example * examples
         return ThroughputMeter(examples_per_step=examples, tokens_per_step=tokens, flops_per_step=flops,
                                num_devices=self.mesh.size, peak_flops_per_device=peak)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titanax.exceptions import PlanError
+from titanax.exceptions import ConfigError
 
 __all__ = ["Precision", "LossScale"]
 
@@ -18,9 +18,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def _check_dtype(field: str, value: str) -> None:
     if value not in _DTYPES:
-        raise PlanError(
+        raise ConfigError(
             f"Precision({field}={value!r}) is not one of {_DTYPES}",
             suggestion=f"use {field}='float32' (default) or {field}='bfloat16'",
+            owner="Precision", field=field, value=value,
         )
 
 
@@ -54,25 +55,31 @@ class Precision:
         _check_dtype("params", self.params)
         _check_dtype("compute", self.compute)
         if self.params != "float32" and self.compute == "float32":
-            raise PlanError(
+            raise ConfigError(
                 f"Precision(params={self.params!r}) with compute='float32' stores weights in less "
                 "precision than it computes with",
                 suggestion="keep params='float32' (master weights) and set compute='bfloat16'",
+                owner="Precision", field=("params", "compute"), value=(self.params, self.compute),
             )
         if isinstance(self.loss_scale, str) and self.loss_scale != "dynamic":
-            raise PlanError(f"Precision(loss_scale={self.loss_scale!r}) is not 'dynamic', a float or None",
-                            suggestion="use loss_scale='dynamic' for float16")
+            raise ConfigError(f"Precision(loss_scale={self.loss_scale!r}) is not 'dynamic', a float or None",
+                              suggestion="use loss_scale='dynamic' for float16",
+                              owner="Precision", field="loss_scale", value=self.loss_scale)
         if isinstance(self.loss_scale, (int, float)) and not self.loss_scale > 0:
-            raise PlanError(f"Precision(loss_scale={self.loss_scale!r}) must be positive",
-                            suggestion="use e.g. loss_scale=1024.0, or 'dynamic'")
+            raise ConfigError(f"Precision(loss_scale={self.loss_scale!r}) must be positive",
+                              suggestion="use e.g. loss_scale=1024.0, or 'dynamic'",
+                              owner="Precision", field="loss_scale", value=self.loss_scale)
         if self.compute == "float16" and self.loss_scale is None:
-            raise PlanError(
+            raise ConfigError(
                 "Precision(compute='float16') without loss scaling: float16 gradients underflow",
                 suggestion="add loss_scale='dynamic' (or use compute='bfloat16', which needs none)",
+                owner="Precision", field=("compute", "loss_scale"), value=(self.compute, self.loss_scale),
             )
         if self.growth_interval < 1 or self.initial_scale <= 0:
-            raise PlanError("Precision: growth_interval must be >= 1 and initial_scale > 0",
-                            suggestion="keep the defaults (2**15, 2000)")
+            raise ConfigError("Precision: growth_interval must be >= 1 and initial_scale > 0",
+                              suggestion="keep the defaults (2**15, 2000)", owner="Precision",
+                              field=("growth_interval", "initial_scale"),
+                              value=(self.growth_interval, self.initial_scale))
 
     @property
     def compute_dtype(self) -> jnp.dtype:

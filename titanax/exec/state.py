@@ -16,9 +16,9 @@ from titanax.parallel.manual import varying_axes
 from titanax.exec.precision import LossScale, Precision, scale_cotangent
 from titanax.optim import as_optimizer
 from titanax.parallel.rules import Rules
-from titanax.parallel.shard import ShardedModel
+from titanax.parallel.sharded_model import ShardedModel
 from titanax.parallel.opt_slots import kept_dims, map_param_slots
-from titanax.parallel.sharding import abstract, path_string
+from titanax.parallel.layout import abstract, path_string
 
 __all__ = ["TrainState", "all_finite", "create_train_state"]
 
@@ -95,12 +95,18 @@ class TrainState:
           The model's output, or ``(output, new_model_state)`` with ``mutable``.
 
         Example:
-          >>> def loss_fn(params, batch):                                     # doctest: +SKIP
-          ...     logits, model_state = state.apply(params, batch["image"], train=True, mutable=True)
-          ...     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-          ...     return loss, model_state
-          >>> (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+          >>> mesh = tx.MeshSpec(axes=("data",)).build()
+          >>> sm = tx.shard(nn.BatchNorm(use_running_average=False), tx.Plan(data_parallel=tx.DP()),
+          ...               mesh, example=jnp.ones((8, 3)))
+          >>> state = tx.create_train_state(sm, tx.optim.sgd(0.1))
+          >>> x = sm.shard_batch(jnp.arange(24.0).reshape(8, 3))
+          >>> def loss_fn(params):
+          ...     y, model_state = state.apply(params, x, mutable=True)   # batch statistics move
+          ...     return jnp.mean(y ** 2), model_state
+          >>> (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
           >>> state = state.apply_gradients(grads=grads, model_state=model_state)
+          >>> int(state.step), bool((state.model_state["batch_stats"]["mean"] > 0).all())
+          (1, True)
         """
         cast = self.precision.cast_to_compute
         result = self.apply_fn(cast(params), self.model_state, *cast(args), mutable=mutable, **cast(kwargs))
@@ -261,9 +267,13 @@ def create_train_state(
       sharding, scalars replicated.
 
     Example:
-      >>> sm = tx.shard(make_model, plan, mesh, abstract=True)               # doctest: +SKIP
+      >>> mesh = tx.MeshSpec(axes=("data",)).build()
+      >>> sm = tx.shard(lambda rngs: nnx.Linear(8192, 8192, rngs=rngs),    # 256 MiB, not allocated
+      ...               tx.Plan(fsdp=tx.FSDP(axis="data")), mesh, abstract=True)
       >>> state = tx.create_train_state(sm, tx.optim.adamw(3e-4))
-      >>> stats = tx.profiling.inspect(train_step.lower(state, batch_shapes))
+      >>> adam = state.opt_state[0]                       # moments sharded like their parameter
+      >>> adam.mu["kernel"].value.sharding.spec, adam.mu["kernel"].value.shape
+      (P('data', None), (8192, 8192))
     """
     precision = precision or Precision()
     optimizer = as_optimizer(optimizer)

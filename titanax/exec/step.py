@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from titanax.exceptions import CollectiveError, ShardingError, TitanaxError
 from titanax.parallel.batch import batch_axes, batch_sharding
 from titanax.parallel.manual import as_varying, varying_axes
-from titanax.parallel.sharding import path_string
+from titanax.parallel.layout import path_string
 from titanax.exec.state import TrainState
 
 __all__ = ["StepFunction", "step_fn", "batch_shardings"]

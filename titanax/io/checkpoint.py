@@ -14,33 +14,23 @@ checkpoint is executed: arrays, JSON and no pickle.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
 import os
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
 
 from titanax.exceptions import CheckpointError, TitanaxWarning
+from titanax.io.checkpoint_dir import check_directory, listing
+from titanax.io.retention import KeepBestAndNewest, parse_keep_best
+from titanax.io.saved_tree import check_fits, key_path, target_layout
 
 __all__ = ["CheckpointStrategy", "OrbaxCheckpoint"]
 
 _ITEMS = ("state", "data", "meta")
-
-# What a differing array says about the run that wrote the checkpoint, by the TrainState field
-# it sits in.
-_WRITTEN_WITH = {
-    "params": "model",
-    "model_state": "model",
-    "opt_state": "optimizer",
-    "loss_scale": "loss scaling (Precision(loss_scale=...))",
-    "rng": "PRNG key implementation",
-}
-
 
 @runtime_checkable
 class CheckpointStrategy(Protocol):
@@ -101,61 +91,24 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Best:
-    """``keep_best``: the logged metric that ranks saves, and whether lower or higher is better."""
-
-    metric: str
-    mode: str
-
-    def score(self, metrics: Mapping[str, Any] | None) -> float | None:
-        """How good a save with ``metrics`` is, higher better; ``None`` when it does not carry the
-        metric. A non-finite value (a diverged evaluation) ranks last."""
-        if not metrics or self.metric not in metrics:
-            return None
-        value = float(metrics[self.metric])
-        if not math.isfinite(value):
-            return -math.inf
-        return -value if self.mode == "min" else value
-
-    def orbax_score(self, metrics: Mapping[str, Any] | None) -> float:
-        """:meth:`score` for Orbax, which wants a number for every save: one without the metric
-        ranks last."""
-        score = self.score(metrics)
-        return -math.inf if score is None else score
-
-
-@dataclasses.dataclass(frozen=True)
-class _KeepBestAndNewest:
-    """Orbax preservation policy for ``keep_best``: the ``keep`` best saves that carry the metric,
-    plus the newest save whatever it carries, because a resume starts from it.
-
-    Orbax's own ``BestN`` either deletes a save without metrics at once (so a forced save at
-    preemption would vanish) or keeps every such save forever; neither is what a run wants.
-    Orbax applies the policy after the new step is committed, so deletion never races a save.
-    """
-
-    best: _Best
-    keep: int | None
-
-    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
-        if self.keep is None or not checkpoints:
-            return [True] * len(checkpoints)
-        newest = max(info.step for info in checkpoints)
-        scores = {info.step: self.best.score(info.metrics) for info in checkpoints}
-        ranked = sorted((step for step, score in scores.items() if score is not None),
-                        key=lambda step: scores[step], reverse=True)
-        kept = set(ranked[: self.keep]) | {newest}
-        return [info.step in kept for info in checkpoints]
-
-
 class OrbaxCheckpoint:
     """Orbax-backed checkpoints for ``tx.Engine`` (or your own loop).
 
     Example:
-      >>> ckpt = tx.io.OrbaxCheckpoint("runs/x", every=500, keep=3)              # doctest: +SKIP
-      >>> engine = tx.Engine(mesh=mesh, plan=plan, optimizer=opt, checkpoint=ckpt)
-      >>> state = engine.fit(train_step, loader, steps=10_000)   # resumes from runs/x if it has a step
+      >>> import tempfile
+      >>> mesh = tx.MeshSpec(axes=("data",)).build()
+      >>> sm = tx.shard(nn.Dense(4), tx.Plan(data_parallel=tx.DP()), mesh, example=jnp.ones((8, 2)))
+      >>> state = tx.create_train_state(sm, tx.optim.adamw(3e-4))
+      >>> ckpt = tx.io.OrbaxCheckpoint(tempfile.mkdtemp(), every=500, keep=3)
+      >>> ckpt.save(0, state, data_state={"epoch": 0, "position": 7})
+      >>> ckpt.wait()
+      >>> restored, data_state = ckpt.restore(state)     # laid out like `state`, on this mesh
+      >>> data_state
+      {'epoch': 0, 'position': 7}
+      >>> ckpt.close()
+
+      With ``tx.Engine(..., checkpoint=ckpt)`` the engine saves every ``every`` steps and a run
+      resumes from the newest step in the directory.
     """
 
     def __init__(
@@ -189,13 +142,15 @@ class OrbaxCheckpoint:
 
         if not isinstance(every, int) or every < 1:
             raise CheckpointError(f"OrbaxCheckpoint(every={every!r}) must be a positive integer",
-                                  suggestion="save e.g. every=500 steps")
+                                  suggestion="save e.g. every=500 steps",
+                                  owner="OrbaxCheckpoint", field="every", value=every)
         if keep is not None and (not isinstance(keep, int) or keep < 1):
             raise CheckpointError(f"OrbaxCheckpoint(keep={keep!r}) must be a positive integer or None",
-                                  suggestion="keep e.g. the newest 3 steps: keep=3")
-        best = _parse_keep_best(keep_best)
+                                  suggestion="keep e.g. the newest 3 steps: keep=3",
+                                  owner="OrbaxCheckpoint", field="keep", value=keep)
+        best = parse_keep_best(keep_best)
         self.directory = os.path.abspath(os.fspath(directory))
-        _check_directory(self.directory, keep)
+        check_directory(self.directory, keep)
         self.every = every
         self.keep = keep
         self.async_save = async_save
@@ -207,10 +162,10 @@ class OrbaxCheckpoint:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
             # Orbax writes a step's metrics (and reads them back after a restart) only when
-            # best_fn is set; which steps stay is _KeepBestAndNewest's decision.
+            # best_fn is set; which steps stay is KeepBestAndNewest's decision.
             best_fn=best.orbax_score if best else None,
             best_mode="max",
-            preservation_policy=_KeepBestAndNewest(best, keep) if best else None,
+            preservation_policy=KeepBestAndNewest(best, keep) if best else None,
         )
         self._ocp = ocp
         # Handlers named up front, so that a fresh process can read a step's metadata before
@@ -386,7 +341,7 @@ class OrbaxCheckpoint:
             raise CheckpointError(f"step {step} is not in {self.directory} (steps: {steps})",
                                   suggestion=f"restore one of {steps}")
         target = _abstract(_arrays_of(state))
-        wanted = _target_layout(target)
+        wanted = target_layout(target)
         candidates = [step] if step is not None else list(reversed(steps))
         first_error: CheckpointError | None = None
         for candidate in candidates:
@@ -396,7 +351,7 @@ class OrbaxCheckpoint:
                 first_error = self._fall_back(err, first_error)
                 continue
             # Not damage: an older step of the same directory would not fit either.
-            self._check_fits(candidate, saved, wanted)
+            check_fits(f"checkpoint step {candidate} in {self.directory}", saved, wanted)
             try:
                 return self._read_step(state, target, candidate)
             except CheckpointError as err:
@@ -422,7 +377,7 @@ class OrbaxCheckpoint:
         return CheckpointError(
             f"checkpoint step {step} in {self.directory} cannot be read ({type(err).__name__}: "
             f"{(str(err).splitlines() or [''])[0][:300]}); its files: "
-            f"{_listing(os.path.join(self.directory, str(step)))}",
+            f"{listing(os.path.join(self.directory, str(step)))}",
             suggestion="restore an older step (OrbaxCheckpoint(..., fallback=True) does this), or "
             "delete the damaged step directory",
         )
@@ -436,48 +391,9 @@ class OrbaxCheckpoint:
         if metadata is None:
             raise self._damaged(step, FileNotFoundError("the step has no 'state' item"))
         tree = getattr(metadata, "tree", metadata)
-        return {_key_path(path): (tuple(getattr(leaf, "shape", ())),
+        return {key_path(path): (tuple(getattr(leaf, "shape", ())),
                                   None if getattr(leaf, "dtype", None) is None else np.dtype(leaf.dtype))
                 for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-    def _check_fits(self, step: int, saved: dict[tuple[str, ...], Any],
-                    wanted: dict[tuple[str, ...], Any]) -> None:
-        """Raise when ``step``'s arrays are not those of the state to restore; warn when they are
-        but some dtypes differ (Orbax would cast them silently)."""
-        where = f"checkpoint step {step} in {self.directory}"
-        missing = [path for path in wanted if path not in saved]
-        extra = [path for path in saved if path not in wanted]
-        reshaped = [path for path in wanted if path in saved and saved[path][0] != wanted[path][0]]
-        if missing or extra or reshaped:
-            if missing or extra:
-                parts = []
-                if missing:
-                    parts.append(f"the state has {_show(missing[0])} {_describe(wanted[missing[0]])}, "
-                                 "which the checkpoint lacks" + _more(missing, "such arrays"))
-                if extra:
-                    parts.append(f"the checkpoint has {_show(extra[0])} {_describe(saved[extra[0]])}, "
-                                 "which the state lacks" + _more(extra, "such arrays"))
-                detail, first = "; ".join(parts), (missing or extra)[0]
-            else:
-                first = reshaped[0]
-                detail = (f"{_show(first)} is {_describe(saved[first])} in the checkpoint and "
-                          f"{_describe(wanted[first])} in the state"
-                          + _more(reshaped, "arrays differ in shape"))
-            written_with = _WRITTEN_WITH.get(first[0], "model")
-            raise CheckpointError(
-                f"{where} does not fit the state to restore: {detail}",
-                suggestion=f"it was written with another {written_with}: restore it into a state built "
-                "like the run that wrote it, or give this run a directory of its own",
-            )
-        recast = [path for path in wanted if saved[path][1] not in (None, wanted[path][1])]
-        if recast:
-            first = recast[0]
-            warnings.warn(
-                f"{where} stores {_show(first)} as {saved[first][1]}; it is restored as "
-                f"{wanted[first][1]}, the dtype of the state to restore ({len(recast)} of "
-                f"{len(wanted)} arrays change dtype). To keep the saved values exactly, restore "
-                "under the Precision the run was saved with",
-                TitanaxWarning, stacklevel=3)
 
     def _read_step(self, state: Any, target: Any, step: int) -> tuple[Any, Any]:
         ocp = self._ocp
@@ -501,131 +417,13 @@ class OrbaxCheckpoint:
         return new_state, data
 
 
-def _parse_keep_best(keep_best: str | tuple[str, str] | None) -> _Best | None:
-    if keep_best is None:
-        return None
-    if isinstance(keep_best, str):
-        name, mode = keep_best, "min"
-    elif isinstance(keep_best, (tuple, list)) and len(keep_best) == 2:
-        name, mode = keep_best
-    else:
-        raise CheckpointError(f"OrbaxCheckpoint(keep_best={keep_best!r}) is not a metric name or "
-                              "(name, 'min' | 'max')",
-                              suggestion="write keep_best='eval/loss' or keep_best=('eval/accuracy', 'max')")
-    if not isinstance(name, str) or not name:
-        raise CheckpointError(f"OrbaxCheckpoint(keep_best={keep_best!r}) needs a metric name",
-                              suggestion="write keep_best='eval/loss'")
-    if mode not in ("min", "max"):
-        raise CheckpointError(f"keep_best mode {mode!r} is not 'min' or 'max'",
-                              suggestion=f"write keep_best=({name!r}, 'max') or keep_best=({name!r}, 'min')")
-    return _Best(name, mode)
-
-
-def _check_directory(directory: str, keep: int | None) -> None:
-    """Refuse a checkpoint directory that is a file, or that holds numbered folders Orbax would
-    take for steps (and delete as old ones) although Titanax did not write them."""
-    existing = directory
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        problem = ("is an existing file, not a directory" if existing == directory
-                   else f"cannot be created: {existing} is a file")
-        raise CheckpointError(
-            f"checkpoint directory {directory} {problem}",
-            suggestion="give OrbaxCheckpoint a directory of its own, e.g. "
-            f"{os.path.splitext(existing)[0]}_checkpoints",
-        )
-    if existing != directory:
-        try:  # now rather than in Orbax's background thread once training runs
-            os.makedirs(directory, exist_ok=True)
-        except OSError as err:
-            raise CheckpointError(
-                f"checkpoint directory {directory} cannot be created: {err.strerror} ({existing} is "
-                "the nearest folder that exists)",
-                suggestion="choose a directory under a folder you may write to, e.g. runs/<name>",
-            ) from err
-        return  # new: nothing in it yet
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise CheckpointError(f"checkpoint directory {directory} is not writable",
-                              suggestion="choose a directory you may write to, or fix its permissions")
-    foreign = []
-    for name in sorted(os.listdir(directory), key=lambda n: (len(n), n)):
-        path = os.path.join(directory, name)
-        # A Titanax step, even a damaged one, keeps its 'state' folder or its JSON record.
-        if name.isdigit() and os.path.isdir(path) and not (
-                os.path.isdir(os.path.join(path, "state"))
-                or os.path.isfile(os.path.join(path, "meta", "metadata"))):
-            foreign.append(name)
-    if foreign:
-        first = os.path.join(directory, foreign[0])
-        files = _listing(first)[:5]
-        holds = f"holds {files}" if files else "is empty"
-        raise CheckpointError(
-            f"{directory} holds numbered folders that are not Titanax checkpoints: "
-            f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} (none has the 'state' folder "
-            f"or the 'meta' record a Titanax step writes; {first} {holds})",
-            suggestion="point OrbaxCheckpoint at a directory of its own, e.g. "
-            f"{os.path.join(directory, 'checkpoints')}: here those folders would count as steps"
-            + (f", and the oldest would be deleted to keep {keep}" if keep is not None else ""),
-        )
-
-
-def _key_path(path: Sequence[Any]) -> tuple[str, ...]:
-    """A key path as strings, the same for the state and for Orbax's metadata of it (a
-    namedtuple's attribute there is a dict key, a tuple's index a list index). Unlike
-    ``path_string`` it keeps an NNX Variable's ``value``: the metadata has it as a dict key, and
-    matching must be exact; :func:`_show` drops it for messages."""
-    parts = []
-    for key in path:
-        for field in ("key", "name", "idx"):
-            if hasattr(key, field):
-                parts.append(str(getattr(key, field)))
-                break
-        else:
-            parts.append(str(key))
-    return tuple(parts)
-
-
-def _target_layout(target: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-    """Path -> (shape, dtype) of the arrays a restore into ``target`` reads; a typed PRNG key as
-    the key data Orbax stores for it."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.eval_shape(jax.random.key_data, leaf)
-        out[_key_path(path)] = (tuple(leaf.shape), np.dtype(leaf.dtype))
-    return out
-
-
-def _show(path: tuple[str, ...]) -> str:
-    """``params/up/kernel``: an NNX Variable's trailing ``value`` left out, as in ``describe()``."""
-    parts = path[:-1] if len(path) > 1 and path[-1] == "value" else path
-    return "/".join(parts)
-
-
-def _describe(entry: tuple[tuple[int, ...], np.dtype]) -> str:
-    shape, dtype = entry
-    return f"{shape} {dtype}"
-
-
-def _more(paths: Sequence[Any], what: str) -> str:
-    return f" ({len(paths)} {what})" if len(paths) > 1 else ""
-
-
-def _listing(step_dir: str) -> list[str]:
-    out = []
-    for root, _, files in os.walk(step_dir):
-        out.extend(os.path.relpath(os.path.join(root, f), step_dir) for f in files)
-    return sorted(out)[:20]
-
-
 def _versions() -> dict[str, str]:
     import flax
     import optax
     import orbax.checkpoint as ocp
 
-    import titanax
+    from titanax.version import __version__
 
-    return {"titanax": titanax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+    return {"titanax": __version__, "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "orbax": getattr(ocp, "__version__", "?"),
             "numpy": np.__version__}

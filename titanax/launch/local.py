@@ -28,12 +28,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, TextIO
 
 from titanax.exceptions import DistributedError
+from titanax.runtime.env_vars import LAUNCHER_PID_VAR
 
-__all__ = ["launch", "child_environment", "free_port", "exit_code", "follow_launcher"]
+__all__ = ["launch", "child_environment", "free_port", "exit_code"]
 
 _PREFIX = "titanax launch:"
-LAUNCHER_PID_VAR = "TITANAX_LAUNCHER_PID"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _FORCE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 _POLL_S = 0.05
 _READER_JOIN_S = 5.0
@@ -77,8 +76,9 @@ def child_environment(
     """The environment of one launched process: ``base`` plus the ``TITANAX_*`` cluster variables.
 
     Sets ``TITANAX_COORDINATOR_ADDRESS``, ``TITANAX_NUM_PROCESSES``, ``TITANAX_PROCESS_ID``,
-    ``TITANAX_LOCAL_PROCESS_ID``, ``TITANAX_LAUNCHER_PID`` (see :func:`follow_launcher`) and
-    ``PYTHONUNBUFFERED=1`` (so output streams as it is printed).
+    ``TITANAX_LOCAL_PROCESS_ID``, ``TITANAX_LAUNCHER_PID`` (so that the process dies with the
+    launcher: :mod:`titanax.runtime.launcher`) and ``PYTHONUNBUFFERED=1`` (so output streams as it
+    is printed).
     With ``cpu_devices_per_proc`` it also sets ``TITANAX_CPU_DEVICES`` and drops
     ``--xla_force_host_platform_device_count`` from ``XLA_FLAGS``, which would otherwise compete
     with it.
@@ -118,36 +118,6 @@ def child_environment(
             else:
                 del env["XLA_FLAGS"]
     return env
-
-
-def follow_launcher(environ: Mapping[str, str] | None = None) -> bool:
-    """In a process :func:`launch` started, have Linux SIGKILL it when the launcher dies.
-
-    The launcher stops its processes on every exit it can see; this covers the one it cannot (it
-    was SIGKILLed), which would otherwise leave them running, holding devices and the port.
-    :func:`titanax.runtime.initialize` calls it.
-
-    Args:
-      environ: the environment to read ``TITANAX_LAUNCHER_PID`` from; ``os.environ`` if None.
-
-    Returns:
-      Whether it applies: this process's parent is the launcher named in the environment, on Linux.
-
-    Example:
-      >>> follow_launcher({})      # not started by the launcher
-      False
-    """
-    pid = (os.environ if environ is None else environ).get(LAUNCHER_PID_VAR, "")
-    if not sys.platform.startswith("linux") or not pid.isdigit() or os.getppid() != int(pid):
-        return False  # a wrapper between the launcher and us (bash -c ...) is its own business
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return False
-    if os.getppid() != int(pid):  # the launcher died before the prctl: nobody will signal us
-        os.kill(os.getpid(), signal.SIGKILL)
-    return True
 
 
 def exit_code(returncode: int) -> int:

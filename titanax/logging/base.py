@@ -33,24 +33,26 @@ def _check_every(every: Any, owner: str) -> int:
         raise TitanaxError(
             f"{owner}(every={every!r}): every must be a positive int (log every N-th step)",
             suggestion="pass every=1 to log each step, or e.g. every=100",
+            owner=owner, field="every", value=every,
         )
     return int(every)
 
 
-def check_path(value: Any, owner: str, example: str) -> str:
-    """``os.fspath(value)``, or a TitanaxError naming the logger that wanted a path."""
+def check_path(value: Any, owner: str, field: str, example: str) -> str:
+    """``os.fspath(value)``, or a TitanaxError naming the logger (``owner``) and its argument
+    (``field``) that wanted a path."""
     import os
 
     try:
         return os.fspath(value)
     except TypeError:
         raise TitanaxError(
-            f"{owner} needs a path, got {type(value).__name__} {value!r}",
-            suggestion=f"pass a str or pathlib.Path, e.g. {example}",
+            f"{owner}({field}=...) needs a path, got {type(value).__name__} {value!r}",
+            suggestion=f"pass a str or pathlib.Path, e.g. {example}", owner=owner, field=field, value=value,
         ) from None
 
 
-def check_destination(path: str, owner: str, *, directory: bool) -> None:
+def check_destination(path: str, owner: str, field: str, *, directory: bool) -> None:
     """Refuse, at construction, a log destination that writing would fail on after training
     started: a file where a directory must go (or the reverse), or a path under a file."""
     import os
@@ -58,15 +60,16 @@ def check_destination(path: str, owner: str, *, directory: bool) -> None:
     want = "a directory" if directory else "a file"
     if os.path.exists(path) and os.path.isdir(path) != directory:
         raise TitanaxError(
-            f"{owner}: {path} exists and is not {want}",
-            suggestion=f"give {owner.split('(')[0]} {want} path of its own",
+            f"{owner}({field}=...): {path} exists and is not {want}",
+            suggestion=f"give {owner} {want} path of its own", owner=owner, field=field, value=path,
         )
     existing = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise TitanaxError(f"{owner}: {path} cannot be created: {existing} is a file",
-                           suggestion="choose a path whose folders are folders, e.g. runs/<name>/...")
+        raise TitanaxError(f"{owner}({field}=...): {path} cannot be created: {existing} is a file",
+                           suggestion="choose a path whose folders are folders, e.g. runs/<name>/...",
+                           owner=owner, field=field, value=path)
 
 
 def _check_step(step: Any, what: str) -> int:

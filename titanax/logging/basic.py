@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from titanax.exceptions import TitanaxError
 from titanax.logging.base import Logger
-from titanax.profiling.units import human_bytes, human_count
+from titanax.units import human_bytes, human_count
 
 __all__ = ["Basic", "format_metrics"]
 
@@ -122,6 +122,7 @@ class Basic(Logger):
             raise TitanaxError(
                 f"Basic(stream=...) needs a writable text stream, got {type(stream).__name__}",
                 suggestion="pass sys.stdout, sys.stderr, an open text file or io.StringIO()",
+                owner="Basic", field="stream",
             )
         self._stream = stream
         self.progress = bool(progress)

@@ -49,8 +49,8 @@ class CSV(Logger):
 
     def __init__(self, path: str | os.PathLike[str], every: int = 1) -> None:
         super().__init__(every=every)
-        self.path = check_path(path, "CSV(path=...)", 'CSV("runs/x/metrics.csv")')
-        check_destination(self.path, "CSV(path=...)", directory=False)
+        self.path = check_path(path, "CSV", "path", 'CSV("runs/x/metrics.csv")')
+        check_destination(self.path, "CSV", "path", directory=False)
         self._file: IO[str] | None = None
         self._writer: csv.DictWriter | None = None
         self._columns: list[str] = []
@@ -68,6 +68,7 @@ class CSV(Logger):
                 f"{self.path} exists but is not a Titanax metrics CSV (its first column is "
                 f"{header[0] if header else None!r}, expected {_STEP!r})",
                 suggestion="point CSV(...) at a new file, or move the existing one away",
+                owner="CSV", field="path", value=self.path,
             )
         return header
 

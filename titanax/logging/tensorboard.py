@@ -33,7 +33,7 @@ def _import_tensorboardx() -> Any:
     except ImportError as e:
         raise TitanaxError(
             f"tx.logging.TensorBoard needs the tensorboardX package, which is not installed ({e})",
-            suggestion=_INSTALL,
+            suggestion=_INSTALL, owner="TensorBoard", field="logdir",
         ) from None
     return record_writer, event_pb2, summary_pb2
 
@@ -67,12 +67,13 @@ class TensorBoard(Logger):
         super().__init__(every=every)
         # Checked at construction on every process, so a missing extra fails before training.
         self._record_writer, self._event_pb2, self._summary_pb2 = _import_tensorboardx()
-        self.logdir = check_path(logdir, "TensorBoard(logdir=...)", 'TensorBoard("runs/x/tb")')
-        check_destination(self.logdir, "TensorBoard(logdir=...)", directory=True)
+        self.logdir = check_path(logdir, "TensorBoard", "logdir", 'TensorBoard("runs/x/tb")')
+        check_destination(self.logdir, "TensorBoard", "logdir", directory=True)
         if isinstance(flush_secs, bool) or not isinstance(flush_secs, (int, float)) or flush_secs < 0:
             raise TitanaxError(
                 f"TensorBoard(flush_secs={flush_secs!r}) must be a number >= 0",
                 suggestion="use e.g. flush_secs=10 (0 flushes after every write)",
+                owner="TensorBoard", field="flush_secs", value=flush_secs,
             )
         self.flush_secs = float(flush_secs)
         self._writer: Any = None  # tensorboardX RecordWriter for the open file

@@ -5,8 +5,9 @@ state, so Orbax checkpoints and optax utilities work on it unchanged). What they
 optax directly:
 
 * **Validated arguments.** A negative learning rate, ``b1 >= 1``, ``nesterov=True`` without
-  momentum, an unknown ``decay_mask`` ... raise :class:`~titanax.exceptions.TitanaxError` with a
-  suggestion instead of training silently wrong.
+  momentum, an unknown ``decay_mask`` ... raise :class:`~titanax.exceptions.ConfigError` with a
+  suggestion instead of training silently wrong (``owner="optimizer"``, ``field`` the argument;
+  the checks live in :mod:`titanax.optim.arguments`).
 * **Weight decay skips biases and norm scales by default.** ``decay_mask="default"`` decays only
   parameters with ``ndim >= 2`` (kernels, embeddings); biases, LayerNorm/RMSNorm scales and scalars
   are not decayed. ``decay_mask=None`` decays every parameter (optax's own default); a callable
@@ -24,152 +25,27 @@ optax directly:
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from titanax.exceptions import TitanaxError
+from titanax.exceptions import ConfigError, TitanaxError
+from titanax.optim.arguments import (
+    DecayMask,
+    LearningRate,
+    check_beta,
+    check_clip_norm,
+    check_learning_rate,
+    check_moment_dtype,
+    check_real,
+    check_weight_decay,
+    optax_mask,
+    with_clipping,
+)
 
-__all__ = [
-    "adamw",
-    "adam",
-    "sgd",
-    "lion",
-    "adafactor",
-    "as_optimizer",
-    "default_decay_mask",
-    "LearningRate",
-    "DecayMask",
-]
-
-LearningRate = Union[float, optax.Schedule]
-"""A learning rate: a non-negative float, or an ``optax.Schedule`` (``step -> value``)."""
-
-DecayMask = Union[str, None, Callable[[Any], Any], Any]
-"""``"default"`` (decay ``ndim >= 2`` only), ``None`` (decay all), ``params -> bool tree``, or a
-bool pytree shaped like the parameters."""
-
-
-def default_decay_mask(params: Any) -> Any:
-    """The ``decay_mask="default"`` rule: ``True`` (decay) exactly for leaves with ``ndim >= 2``.
-
-    Kernels and embeddings are decayed; biases, normalization scales and scalars are not.
-
-    Args:
-      params: a parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
-
-    Returns:
-      A pytree of Python bools with the structure of ``params``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> default_decay_mask({"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)})
-      {'bias': False, 'kernel': True}
-    """
-    return jax.tree.map(lambda p: len(jnp.shape(p)) >= 2, params)
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-def _learning_rate(value: Any, where: str) -> LearningRate:
-    if callable(value):
-        return value  # an optax schedule: step -> value
-    if isinstance(value, jax.Array) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.floating):
-        return value  # a scalar array (e.g. from a config sweep)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TitanaxError(
-            f"{where}: learning_rate must be a float or an optax schedule, got {value!r} "
-            f"({type(value).__name__})",
-            suggestion="pass a float (learning_rate=3e-4) or a schedule "
-                       "(tx.optim.warmup_cosine(3e-4, warmup_steps=..., total_steps=...))",
-        )
-    if not math.isfinite(float(value)) or value < 0:
-        raise TitanaxError(
-            f"{where}: learning_rate must be finite and >= 0, got {value!r}",
-            suggestion="optax descends by itself (updates are -lr * direction); "
-                       "pass a positive learning rate",
-        )
-    return float(value)
-
-
-def _real(name: str, value: Any, where: str, *, low: float | None = None,
-          high: float | None = None, low_open: bool = False, high_open: bool = False,
-          hint: str | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TitanaxError(f"{where}: {name} must be a finite real number, got {value!r}",
-                           suggestion=hint or f"pass a float for {name}")
-    value = float(value)
-    bad = ((low is not None and (value <= low if low_open else value < low))
-           or (high is not None and (value >= high if high_open else value > high)))
-    if bad:
-        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
-        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
-        raise TitanaxError(f"{where}: {name}={value!r} is out of range; need {lo}{name}{hi}",
-                           suggestion=hint or f"choose {lo}{name}{hi}")
-    return value
-
-
-def _beta(name: str, value: Any, where: str, typical: str) -> float:
-    return _real(name, value, where, low=0.0, high=1.0, high_open=True,
-                 hint=f"{name} is an exponential-decay rate in [0, 1); typical: {name}={typical}")
-
-
-def _weight_decay(value: Any, where: str) -> float:
-    return _real("weight_decay", value, where, low=0.0,
-                 hint="pass weight_decay >= 0 (0.0 turns weight decay off)")
-
-
-def _clip(value: Any, where: str) -> float | None:
-    if value is None:
-        return None
-    return _real("clip_norm", value, where, low=0.0, low_open=True,
-                 hint="pass a positive maximum global gradient norm (e.g. clip_norm=1.0), "
-                      "or clip_norm=None for no clipping")
-
-
-def _mask(decay_mask: Any, where: str) -> Any:
-    """optax's ``mask=`` argument for a Titanax ``decay_mask``."""
-    if isinstance(decay_mask, str):
-        if decay_mask == "default":
-            return default_decay_mask
-        raise TitanaxError(
-            f"{where}: unknown decay_mask {decay_mask!r}",
-            suggestion='use decay_mask="default" (decay only ndim >= 2), None (decay every '
-                       "parameter), a function params -> bool pytree, or a bool pytree",
-        )
-    return decay_mask  # None, a callable, or a bool pytree: optax checks the structure
-
-
-def _moment_dtype(value: Any, where: str) -> Any:
-    if value is None:
-        return None
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError:
-        raise TitanaxError(
-            f"{where}: moment_dtype={value!r} is not a dtype",
-            suggestion='pass a float dtype such as "float32" or "bfloat16", or None to keep '
-                       "moments in each parameter's dtype",
-        ) from None
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TitanaxError(
-            f"{where}: moment_dtype must be a floating dtype, got {dtype}",
-            suggestion="pass a float dtype (float32, bfloat16, float16), or None to keep "
-                       "moments in each parameter's dtype",
-        )
-    return dtype
-
-
-def _with_clipping(opt: optax.GradientTransformation,
-                   clip_norm: float | None) -> optax.GradientTransformation:
-    if clip_norm is None:
-        return opt
-    return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
-
+__all__ = ["adamw", "adam", "sgd", "lion", "adafactor", "as_optimizer", "OPTIMIZERS"]
 
 # --------------------------------------------------------------------------- factories
 
@@ -207,7 +83,7 @@ def adamw(
       An ``optax.GradientTransformation``.
 
     Raises:
-      TitanaxError: for an out-of-range or mistyped argument.
+      ConfigError: for an out-of-range or mistyped argument.
 
     Example:
       >>> import titanax as tx
@@ -216,17 +92,17 @@ def adamw(
       >>> # state = opt.init(params); updates, state = opt.update(grads, state, params)
     """
     where = "tx.optim.adamw"
-    lr = _learning_rate(learning_rate, where)
+    lr = check_learning_rate(learning_rate, where)
     opt = optax.adamw(
         learning_rate=lr,
-        b1=_beta("b1", b1, where, "0.9"),
-        b2=_beta("b2", b2, where, "0.999 (0.95 for large language models)"),
-        eps=_real("eps", eps, where, low=0.0, low_open=True, hint="pass a small positive eps, e.g. 1e-8"),
-        mu_dtype=_moment_dtype(moment_dtype, where),
-        weight_decay=_weight_decay(weight_decay, where),
-        mask=_mask(decay_mask, where),
+        b1=check_beta("b1", b1, where, "0.9"),
+        b2=check_beta("b2", b2, where, "0.999 (0.95 for large language models)"),
+        eps=check_real("eps", eps, where, low=0.0, low_open=True, hint="pass a small positive eps, e.g. 1e-8"),
+        mu_dtype=check_moment_dtype(moment_dtype, where),
+        weight_decay=check_weight_decay(weight_decay, where),
+        mask=optax_mask(decay_mask, where),
     )
-    return _with_clipping(opt, _clip(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where))
 
 
 def adam(
@@ -252,7 +128,7 @@ def adam(
       An ``optax.GradientTransformation``.
 
     Raises:
-      TitanaxError: for an out-of-range or mistyped argument.
+      ConfigError: for an out-of-range or mistyped argument.
 
     Example:
       >>> import titanax as tx
@@ -260,13 +136,13 @@ def adam(
     """
     where = "tx.optim.adam"
     opt = optax.adam(
-        learning_rate=_learning_rate(learning_rate, where),
-        b1=_beta("b1", b1, where, "0.9"),
-        b2=_beta("b2", b2, where, "0.999"),
-        eps=_real("eps", eps, where, low=0.0, low_open=True, hint="pass a small positive eps, e.g. 1e-8"),
-        mu_dtype=_moment_dtype(moment_dtype, where),
+        learning_rate=check_learning_rate(learning_rate, where),
+        b1=check_beta("b1", b1, where, "0.9"),
+        b2=check_beta("b2", b2, where, "0.999"),
+        eps=check_real("eps", eps, where, low=0.0, low_open=True, hint="pass a small positive eps, e.g. 1e-8"),
+        mu_dtype=check_moment_dtype(moment_dtype, where),
     )
-    return _with_clipping(opt, _clip(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where))
 
 
 def sgd(
@@ -296,7 +172,7 @@ def sgd(
       An ``optax.GradientTransformation``.
 
     Raises:
-      TitanaxError: for an out-of-range or mistyped argument, or ``nesterov=True`` without
+      ConfigError: for an out-of-range or mistyped argument, or ``nesterov=True`` without
         momentum.
 
     Example:
@@ -304,23 +180,25 @@ def sgd(
       >>> opt = tx.optim.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     """
     where = "tx.optim.sgd"
-    lr = _learning_rate(learning_rate, where)
+    lr = check_learning_rate(learning_rate, where)
     if momentum is not None:
-        momentum = _beta("momentum", momentum, where, "0.9")
+        momentum = check_beta("momentum", momentum, where, "0.9")
     if not isinstance(nesterov, bool):
-        raise TitanaxError(f"{where}: nesterov must be True or False, got {nesterov!r}",
-                           suggestion="pass nesterov=True or nesterov=False")
+        raise ConfigError(f"{where}: nesterov must be True or False, got {nesterov!r}",
+                          suggestion="pass nesterov=True or nesterov=False",
+                          owner="optimizer", field="nesterov", value=nesterov)
     if nesterov and momentum is None:
-        raise TitanaxError(f"{where}: nesterov=True needs momentum, but momentum=None",
-                           suggestion="pass momentum=0.9 (for example) with nesterov=True")
-    wd = _weight_decay(weight_decay, where)
-    mask = _mask(decay_mask, where)
+        raise ConfigError(f"{where}: nesterov=True needs momentum, but momentum=None",
+                          suggestion="pass momentum=0.9 (for example) with nesterov=True",
+                          owner="optimizer", field=("nesterov", "momentum"), value=(nesterov, momentum))
+    wd = check_weight_decay(weight_decay, where)
+    mask = optax_mask(decay_mask, where)
     parts = []
     if wd > 0:
         parts.append(optax.add_decayed_weights(wd, mask=mask))
     parts.append(optax.sgd(learning_rate=lr, momentum=momentum, nesterov=nesterov))
     opt = parts[0] if len(parts) == 1 else optax.chain(*parts)
-    return _with_clipping(opt, _clip(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where))
 
 
 def lion(
@@ -351,7 +229,7 @@ def lion(
       An ``optax.GradientTransformation``.
 
     Raises:
-      TitanaxError: for an out-of-range or mistyped argument.
+      ConfigError: for an out-of-range or mistyped argument.
 
     Example:
       >>> import titanax as tx
@@ -359,14 +237,14 @@ def lion(
     """
     where = "tx.optim.lion"
     opt = optax.lion(
-        learning_rate=_learning_rate(learning_rate, where),
-        b1=_beta("b1", b1, where, "0.9"),
-        b2=_beta("b2", b2, where, "0.99"),
-        mu_dtype=_moment_dtype(moment_dtype, where),
-        weight_decay=_weight_decay(weight_decay, where),
-        mask=_mask(decay_mask, where),
+        learning_rate=check_learning_rate(learning_rate, where),
+        b1=check_beta("b1", b1, where, "0.9"),
+        b2=check_beta("b2", b2, where, "0.99"),
+        mu_dtype=check_moment_dtype(moment_dtype, where),
+        weight_decay=check_weight_decay(weight_decay, where),
+        mask=optax_mask(decay_mask, where),
     )
-    return _with_clipping(opt, _clip(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where))
 
 
 def adafactor(
@@ -406,39 +284,45 @@ def adafactor(
       An ``optax.GradientTransformation``.
 
     Raises:
-      TitanaxError: for an out-of-range or mistyped argument.
+      ConfigError: for an out-of-range or mistyped argument.
 
     Example:
       >>> import titanax as tx
       >>> opt = tx.optim.adafactor(1e-2, momentum=0.9)
     """
     where = "tx.optim.adafactor"
-    lr = _learning_rate(learning_rate, where)
+    lr = check_learning_rate(learning_rate, where)
     if clipping_threshold is not None:
-        clipping_threshold = _real("clipping_threshold", clipping_threshold, where, low=0.0,
+        clipping_threshold = check_real("clipping_threshold", clipping_threshold, where, low=0.0,
                                    low_open=True, hint="pass a positive threshold or None")
     if momentum is not None:
-        momentum = _beta("momentum", momentum, where, "0.9")
+        momentum = check_beta("momentum", momentum, where, "0.9")
     if weight_decay is not None:
-        weight_decay = _weight_decay(weight_decay, where)
+        weight_decay = check_weight_decay(weight_decay, where)
     if isinstance(min_dim_size_to_factor, bool) or not isinstance(min_dim_size_to_factor, int) \
             or min_dim_size_to_factor < 1:
-        raise TitanaxError(f"{where}: min_dim_size_to_factor must be an int >= 1, got "
-                           f"{min_dim_size_to_factor!r}", suggestion="e.g. min_dim_size_to_factor=128")
+        raise ConfigError(f"{where}: min_dim_size_to_factor must be an int >= 1, got "
+                          f"{min_dim_size_to_factor!r}", suggestion="e.g. min_dim_size_to_factor=128",
+                          owner="optimizer", field="min_dim_size_to_factor", value=min_dim_size_to_factor)
     opt = optax.adafactor(
         learning_rate=lr,
         min_dim_size_to_factor=min_dim_size_to_factor,
-        decay_rate=_real("decay_rate", decay_rate, where, low=0.0, low_open=True,
+        decay_rate=check_real("decay_rate", decay_rate, where, low=0.0, low_open=True,
                          hint="pass a positive decay_rate (optax default 0.8)"),
         clipping_threshold=clipping_threshold,
         momentum=momentum,
-        dtype_momentum=_moment_dtype(moment_dtype, where),
+        dtype_momentum=check_moment_dtype(moment_dtype, where),
         weight_decay_rate=weight_decay,
-        eps=_real("eps", eps, where, low=0.0, low_open=True, hint="pass a small positive eps"),
+        eps=check_real("eps", eps, where, low=0.0, low_open=True, hint="pass a small positive eps"),
         factored=bool(factored),
-        weight_decay_mask=_mask(decay_mask, where) if weight_decay else None,
+        weight_decay_mask=optax_mask(decay_mask, where) if weight_decay else None,
     )
-    return _with_clipping(opt, _clip(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where))
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adamw": adamw, "adam": adam, "sgd": sgd, "lion": lion, "adafactor": adafactor}
+"""The factories by name (``optimizer.name`` in a run configuration)."""
 
 
 # --------------------------------------------------------------------------- as_optimizer

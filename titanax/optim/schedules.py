@@ -3,7 +3,9 @@
 Every function returns an ``optax.Schedule`` (a function from the step count to a value), so the
 result can be passed as ``learning_rate=`` to any factory in :mod:`titanax.optim` or to optax.
 Bad arguments (a negative step count, warm-up longer than the run, a NaN value) raise
-:class:`~titanax.exceptions.TitanaxError` with a suggestion, before anything is traced.
+:class:`~titanax.exceptions.ConfigError` with a suggestion, before anything is traced; its
+``owner`` is ``"schedule"`` and its ``field`` the argument (``peak_value``, ``total_steps``, ...).
+:data:`LR_SCHEDULES` names them (``optimizer.schedule`` in a run configuration).
 """
 
 from __future__ import annotations
@@ -11,48 +13,53 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import optax
 
-from titanax.exceptions import TitanaxError
+from titanax.exceptions import ConfigError
 
-__all__ = ["warmup_cosine", "warmup_linear", "constant"]
+__all__ = ["warmup_cosine", "warmup_linear", "constant", "LR_SCHEDULES"]
+
+OWNER = "schedule"
+"""The ``owner`` of every error about a schedule's argument."""
 
 
 def _value(name: str, value: Any, where: str) -> float:
-    """A finite, non-negative Python float, or a TitanaxError naming the argument."""
+    """A finite, non-negative Python float, or a ConfigError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TitanaxError(
+        raise ConfigError(
             f"{where}: {name} must be a real number, got {value!r} ({type(value).__name__})",
-            suggestion=f"pass a float, e.g. {name}=3e-4",
+            suggestion=f"pass a float, e.g. {name}=3e-4", owner=OWNER, field=name, value=value,
         )
     value = float(value)
     if not math.isfinite(value) or value < 0:
-        raise TitanaxError(
+        raise ConfigError(
             f"{where}: {name} must be finite and >= 0, got {value!r}",
             suggestion=f"pass a non-negative float for {name} (learning rates are never negative)",
+            owner=OWNER, field=name, value=value,
         )
     return value
 
 
 def _steps(name: str, value: Any, where: str, *, positive: bool = False) -> int:
-    """A non-negative (or positive) Python int, or a TitanaxError naming the argument."""
+    """A non-negative (or positive) Python int, or a ConfigError naming the argument."""
     try:
         if isinstance(value, bool):
             raise TypeError
         steps = operator.index(value)
     except TypeError:
-        raise TitanaxError(
+        raise ConfigError(
             f"{where}: {name} must be an integer number of steps, got {value!r} "
             f"({type(value).__name__})",
             suggestion=f"pass an int, e.g. {name}=1000 (use int(...) on computed step counts)",
+            owner=OWNER, field=name, value=value,
         ) from None
     low = 1 if positive else 0
     if steps < low:
-        raise TitanaxError(
+        raise ConfigError(
             f"{where}: {name} must be >= {low}, got {steps}",
-            suggestion=f"pass {name} >= {low}",
+            suggestion=f"pass {name} >= {low}", owner=OWNER, field=name, value=steps,
         )
     return steps
 
@@ -61,10 +68,11 @@ def _warmup_and_total(warmup_steps: Any, total_steps: Any, where: str) -> tuple[
     warmup = _steps("warmup_steps", warmup_steps, where)
     total = _steps("total_steps", total_steps, where, positive=True)
     if warmup > total:
-        raise TitanaxError(
+        raise ConfigError(
             f"{where}: warmup_steps={warmup} is longer than total_steps={total}",
             suggestion="total_steps counts the whole run including warm-up; "
                        f"use warmup_steps <= {total} or raise total_steps",
+            owner=OWNER, field=("warmup_steps", "total_steps"), value=(warmup, total),
         )
     return warmup, total
 
@@ -95,7 +103,7 @@ def warmup_cosine(
       An ``optax.Schedule``: ``step -> value``.
 
     Raises:
-      TitanaxError: for negative or non-finite values, non-integer or negative step counts, or
+      ConfigError: for negative or non-finite values, non-integer or negative step counts, or
         ``warmup_steps > total_steps``.
 
     Example:
@@ -141,7 +149,7 @@ def warmup_linear(
       An ``optax.Schedule``: ``step -> value``.
 
     Raises:
-      TitanaxError: for negative or non-finite values, non-integer or negative step counts, or
+      ConfigError: for negative or non-finite values, non-integer or negative step counts, or
         ``warmup_steps > total_steps``.
 
     Example:
@@ -170,7 +178,7 @@ def constant(value: float) -> optax.Schedule:
       An ``optax.Schedule``: ``step -> value``.
 
     Raises:
-      TitanaxError: for a negative, non-finite or non-numeric value.
+      ConfigError: for a negative, non-finite or non-numeric value.
 
     Example:
       >>> import titanax as tx
@@ -178,3 +186,9 @@ def constant(value: float) -> optax.Schedule:
       0.1
     """
     return optax.constant_schedule(_value("value", value, "constant"))
+
+
+LR_SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
+    "constant": constant, "warmup_cosine": warmup_cosine, "warmup_linear": warmup_linear}
+"""The learning-rate schedules by name (``optimizer.schedule`` in a run configuration). Not to be
+confused with the pipeline schedules of :data:`titanax.parallel.schedules.SCHEDULES`."""

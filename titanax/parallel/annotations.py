@@ -2,7 +2,7 @@
 
 Any pytree works — Linen variables (boxed or not), an NNX state, optimizer state, a dict of
 ``jax.ShapeDtypeStruct`` — so one function turns them all into :class:`Leaf` records for
-:func:`~titanax.parallel.sharding.layout_tree`.
+:func:`~titanax.parallel.layout.layout_tree`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from titanax.parallel.sharding import Leaf, path_string
+from titanax.parallel.layout import Leaf, path_string
 
 __all__ = ["is_annotated_leaf", "tree_leaves", "unboxed_structure"]
 

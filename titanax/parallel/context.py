@@ -9,8 +9,6 @@ a model runs unchanged on one device.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,35 +17,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax.exceptions import ShardingError
 from titanax.parallel.rules import Rules
+from titanax.parallel.scope import STACK as _STACK, pop_rules, push_rules
 
 __all__ = ["constrain", "constraint_record", "current_rules", "current_mesh", "current_stack_split",
            "sharding_context", "stack_split"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Frame:
-    rules: Rules
-    mesh: Mesh | None
-
-
-class _Stack(threading.local):
-    def __init__(self) -> None:
-        self.frames: list[_Frame] = []
-        self.records: list[set[str]] = []
-        self.splits: list[Any] = []
-
-
-_STACK = _Stack()
-
-
-def push_rules(rules: Rules, mesh: Mesh | None = None) -> None:
-    _STACK.frames.append(_Frame(rules, mesh))
-
-
-def pop_rules(rules: Rules) -> None:
-    if not _STACK.frames or _STACK.frames[-1].rules is not rules:
-        raise RuntimeError("sharding contexts were exited out of order")
-    _STACK.frames.pop()
 
 
 @contextlib.contextmanager
@@ -59,8 +32,13 @@ def sharding_context(rules: Rules, mesh: Mesh | None = None) -> Iterator[Rules]:
       mesh: the mesh to constrain over; ``None`` uses the mesh set by ``jax.set_mesh``.
 
     Example:
-      >>> with tx.sharding_context(plan.rules(), mesh):           # doctest: +SKIP
-      ...     y = jax.jit(model_fn)(x)                            # tx.constrain calls resolve here
+      >>> mesh = tx.MeshSpec(axes=("data",)).build()
+      >>> def model_fn(x_BD):
+      ...     return tx.constrain(x_BD * 2, ("batch", None))       # a no-op outside a context
+      >>> with tx.sharding_context(tx.presets.data_parallel("data"), mesh):
+      ...     y_BD = jax.jit(model_fn)(jnp.ones((16, 4)))         # here it resolves to P('data')
+      >>> y_BD.sharding.spec
+      P('data',)
     """
     push_rules(rules, mesh)
     try:

@@ -14,9 +14,9 @@ from jax.sharding import Mesh
 from titanax.exceptions import PlanError, ShardingError
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
-from titanax.parallel.shard import ShardedModel
+from titanax.parallel.sharded_model import ShardedModel
 from titanax.parallel.annotations import tree_leaves, unboxed_structure
-from titanax.parallel.sharding import Leaf, abstract as abstract_like, layout_tree, path_string, place
+from titanax.parallel.layout import Leaf, abstract as abstract_like, layout_tree, path_string, place
 from titanax.parallel.tracing import tracing_context
 
 __all__ = ["LinenShardedModel", "shard_linen"]

@@ -15,11 +15,11 @@ from jax.sharding import Mesh
 from titanax.exceptions import ShardingError, TitanaxError
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
-from titanax.parallel.shard import ShardedModel
+from titanax.parallel.sharded_model import ShardedModel
 from titanax.parallel.annotations import tree_leaves
 from titanax.parallel.layer_order import layer_order_for
 from titanax.parallel.pipeline_stack import find_pipelined_stack, pipeline_model
-from titanax.parallel.sharding import abstract as abstract_like, layout_tree, path_string, place
+from titanax.parallel.layout import abstract as abstract_like, layout_tree, path_string, place
 from titanax.parallel.tracing import tracing_context
 
 __all__ = ["NNXShardedModel", "shard_nnx"]

@@ -27,7 +27,7 @@ from titanax.exceptions import PlanError
 from titanax.nn.stack import LAYERS
 from titanax.parallel.annotations import tree_leaves
 from titanax.parallel.opt_slots import kept_dims, map_param_slots
-from titanax.parallel.sharding import Layout, path_string
+from titanax.parallel.layout import Layout, path_string
 
 __all__ = ["LayerOrder", "layer_order_for", "stack_paths"]
 
@@ -44,7 +44,7 @@ class LayerOrder:
       num_layers: ``L``, the stack's leading dimension.
       stages: ``p``.
       repeats: ``v``.
-      paths: the ``/``-joined paths (as :func:`~titanax.parallel.sharding.path_string` writes
+      paths: the ``/``-joined paths (as :func:`~titanax.parallel.layout.path_string` writes
         them) of the stack's leaves, relative to the model's state: the same paths in the
         parameters tree and in the model-state tree.
     """
@@ -193,7 +193,7 @@ def stack_paths(layout_or_state: Layout | Any) -> tuple[str, ...]:
     """The paths of the leaves whose logical names start with ``layers`` (the stack's).
 
     Args:
-      layout_or_state: a :class:`~titanax.parallel.sharding.Layout` (names after path rules), or
+      layout_or_state: a :class:`~titanax.parallel.layout.Layout` (names after path rules), or
         a state whose leaves carry annotations (an ``nnx.State``; names from the annotations).
 
     Returns:

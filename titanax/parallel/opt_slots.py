@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import optax
 
-from titanax.parallel.sharding import path_string
+from titanax.parallel.layout import path_string
 
 __all__ = ["kept_dims", "map_param_slots"]
 

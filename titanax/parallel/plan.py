@@ -26,6 +26,7 @@ def _check_axis(part: str, axis: object) -> None:
         raise PlanError(
             f"{part}(axis={axis!r}): the axis must be a mesh axis name",
             suggestion=f"write {part}(axis='data') with a name from your MeshSpec axes",
+            owner=part, field="axis", value=axis,
         )
 
 
@@ -45,6 +46,7 @@ class DP:
             raise PlanError(
                 f"DP(accumulate_steps={self.accumulate_steps!r}) must be a positive integer",
                 suggestion="use accumulate_steps=1 for no accumulation",
+                owner="DP", field="accumulate_steps", value=self.accumulate_steps,
             )
 
 
@@ -70,7 +72,7 @@ class TP:
     """Mesh axis the tensor-parallel dimensions are split over."""
 
     rules: Rules | None = None
-    """Rules mapping logical names to ``axis``; ``None`` uses :func:`titanax.rules.tensor_parallel`."""
+    """Rules mapping logical names to ``axis``; ``None`` uses :func:`titanax.presets.tensor_parallel`."""
 
     sequence_parallel: bool = False
     """Also split activations named ``seq`` over ``axis`` (Megatron sequence parallelism): the
@@ -83,11 +85,13 @@ class TP:
             raise PlanError(
                 "TP(sequence_parallel=True) builds its own rules; it cannot be combined with TP(rules=...)",
                 suggestion="add ('seq', axis) to your own rules instead, or drop rules= to use the preset",
+                owner="TP", field=("sequence_parallel", "rules"),
             )
         if self.rules is not None and not isinstance(self.rules, Rules):
             raise PlanError(
                 f"TP(rules=...) got {type(self.rules).__name__}, not tx.Rules",
                 suggestion="wrap the pairs: TP(axis='tensor', rules=tx.Rules([('mlp', 'tensor')]))",
+                owner="TP", field="rules",
             )
 
     def resolved_rules(self) -> Rules:
@@ -137,22 +141,29 @@ class PP:
     """Debug check: feed NaN into every idle (bubble) slot; results must not change."""
 
     unroll_ticks: bool = False
-    """Unroll the loop over ticks (compile time grows with the tick count). XLA's cost analysis
-    counts a loop body once, not per trip; unrolled, it counts every tick."""
+    """Unroll the loop over ticks (compile time grows with the tick count). ``tx.profiling.inspect``
+    counts a rolled loop per trip, but each tick's conditional slots at their heaviest branch (an
+    upper bound); unrolled, XLA may fold the conditionals and count the ticks as they run."""
 
     def __post_init__(self) -> None:
         _check_axis("PP", self.axis)
         if self.schedule not in SCHEDULES:
             raise PlanError(f"PP(schedule={self.schedule!r}) is not a schedule",
-                            suggestion=f"use one of {', '.join(SCHEDULES)}")
-        check_policy(self.remat, "PP(remat=...)")
+                            suggestion=f"use one of {', '.join(SCHEDULES)}",
+                            owner="PP", field="schedule", value=self.schedule)
+        try:
+            check_policy(self.remat, "PP(remat=...)")
+        except PlanError as error:  # the policy check is shared with LayerStack: say whose it is
+            raise error.replace(owner="PP", field="remat", value=self.remat) from None
         if self.recompute and self.schedule in ("gpipe", "circular"):
             raise PlanError(f"PP(recompute=True) applies to the explicit schedules, not {self.schedule!r}",
-                            suggestion="use PP(remat='full') to recompute each stage in gpipe/circular's backward")
+                            suggestion="use PP(remat='full') to recompute each stage in gpipe/circular's backward",
+                            owner="PP", field=("recompute", "schedule"), value=(True, self.schedule))
         if self.recompute and self.schedule == "zbh1":
             raise PlanError("PP(recompute=True) cannot split the backward of zbh1: its input-gradient and "
                             "weight-gradient slots both read the stashed residuals",
-                            suggestion="use PP(recompute=False) with remat='full' to stash only each layer's input")
+                            suggestion="use PP(recompute=False) with remat='full' to stash only each layer's input",
+                            owner="PP", field=("recompute", "schedule"), value=(True, self.schedule))
         self.schedule_table()  # validates stages, microbatches and repeats
 
     def schedule_table(self) -> Schedule:
@@ -193,7 +204,7 @@ class PP:
         per_step = 2 * sends  # activations forward, cotangents backward
         moved = f"{per_step} microbatch activations per device per step"
         if activation_bytes is not None:
-            from titanax.profiling.units import human_bytes
+            from titanax.units import human_bytes
 
             moved += f" ({human_bytes(per_step * activation_bytes)})"
         lines.append(f"  between stages: {moved}")
@@ -249,12 +260,14 @@ class Plan:
             raise PlanError(
                 f"Plan(rules=...) got {type(self.rules).__name__}, not tx.Rules",
                 suggestion="write Plan(..., rules=tx.Rules(params=[(r'Dense_0/kernel$', ('embed', 'mlp'))]))",
+                owner="Plan", field="rules",
             )
         limit = self.max_replicated_bytes
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise PlanError(
                 f"Plan(max_replicated_bytes={limit!r}) must be a byte count >= 0 or None",
                 suggestion="e.g. max_replicated_bytes=4 << 20 (4 MiB), or None to disable the check",
+                owner="Plan", field="max_replicated_bytes", value=limit,
             )
         parts = self._parts()
         if not parts:
@@ -262,6 +275,7 @@ class Plan:
                 "the plan has no parallelism",
                 suggestion="give at least one of data_parallel=tx.DP(), fsdp=tx.FSDP(), "
                 "tensor_parallel=tx.TP(), pipeline_parallel=tx.PP(...)",
+                owner="Plan",
             )
         for field, kind in (("data_parallel", DP), ("fsdp", FSDP), ("tensor_parallel", TP),
                             ("pipeline_parallel", PP)):
@@ -270,6 +284,7 @@ class Plan:
                 raise PlanError(
                     f"Plan({field}=...) got {type(value).__name__}, expected tx.{kind.__name__}",
                     suggestion=f"write Plan({field}=tx.{kind.__name__}(axis=...))",
+                    owner="Plan", field=field,
                 )
         seen: dict[str, str] = {}
         for name, part in parts.items():
@@ -278,6 +293,7 @@ class Plan:
                     f"{seen[part.axis]} and {name} both use mesh axis {part.axis!r}",
                     suggestion="give each kind of parallelism its own mesh axis, e.g. "
                     "MeshSpec(axes=('data', 'tensor'))",
+                    owner=name, field="axis", value=part.axis,
                 )
             seen[part.axis] = name
 
@@ -330,6 +346,7 @@ class Plan:
                     f"{name}(axis={part.axis!r}) names an axis the mesh {shape} does not have",
                     suggestion=f"use one of {list(shape)} or build the mesh with an axis "
                     f"{part.axis!r}",
+                    owner=name, field="axis", value=part.axis,
                 )
         pp = self.pipeline_parallel
         if pp is not None and shape[pp.axis] != pp.stages:
@@ -337,6 +354,7 @@ class Plan:
                 f"PP(stages={pp.stages}) but mesh axis {pp.axis!r} has {shape[pp.axis]} devices",
                 suggestion=f"make the {pp.axis!r} axis {pp.stages} devices in the MeshSpec, or set "
                 f"PP(stages={shape[pp.axis]})",
+                owner="PP", field="stages", value=pp.stages,
             )
         for axis, size in shape.items():
             if size > 1 and axis not in self.axes:
@@ -345,6 +363,7 @@ class Plan:
                     "they would all compute the same thing",
                     suggestion=f"add e.g. data_parallel=tx.DP(axis={axis!r}) to the plan, or give "
                     f"{axis!r} size 1 in the MeshSpec",
+                    owner="MeshSpec", field="axes", value=tuple(shape),
                 )
         self.resolved_rules().validate(shape)
 

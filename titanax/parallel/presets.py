@@ -32,7 +32,7 @@ def data_parallel(axis: str = "data") -> Rules:
 
     Example:
       >>> data_parallel("data").spec(("batch", "embed"), (32, 64), {"data": 8})
-      PartitionSpec('data', None)
+      P('data', None)
     """
     return Rules([("batch", axis)], replicated=_replicated_except("batch"))
 
@@ -47,7 +47,7 @@ def fsdp(axis: str = "fsdp", *, shard_unnamed: bool = True) -> Rules:
 
     Example:
       >>> fsdp("fsdp").spec(("embed", "mlp"), (64, 256), {"fsdp": 8})
-      PartitionSpec('fsdp', None)
+      P('fsdp', None)
     """
     names = ("embed", "mlp", "heads", "kv", "vocab")
     return Rules(
@@ -73,7 +73,7 @@ def tensor_parallel(axis: str = "tensor", *, sequence_parallel: bool = False) ->
 
     Example:
       >>> tensor_parallel("tensor").spec(("mlp", "embed"), (256, 64), {"tensor": 4})
-      PartitionSpec('tensor', None)
+      P('tensor', None)
     """
     names = ("mlp", "heads", "vocab") + (("seq",) if sequence_parallel else ())
     return Rules([(n, axis) for n in names], replicated=_replicated_except(*names))
@@ -84,6 +84,6 @@ def pipeline_parallel(axis: str = "pipe") -> Rules:
 
     Example:
       >>> pipeline_parallel("pipe").spec(("layers", "embed", "mlp"), (8, 64, 256), {"pipe": 4})
-      PartitionSpec('pipe', None, None)
+      P('pipe', None, None)
     """
     return Rules([("layers", axis)], replicated=_replicated_except("layers"))

@@ -4,7 +4,7 @@ A model names the *meaning* of each dimension (``"embed"``, ``"mlp"``, ``"batch"
 value says which mesh axes those meanings are split over. Rules are plain immutable values: print
 them, add them (``a + b``: ``a`` first), compare them, and scope them with ``with rules:``.
 
-Semantics (fixed by DESIGN.md, tested in ``tests/unit/test_rules.py``):
+Semantics (tested in ``tests/unit/test_rules.py``):
 
 * rules are ordered ``(logical_name, mesh_axes)`` pairs and the **first match wins**;
 * a mesh axis already used by another dimension of the same array is skipped, falling back to the
@@ -30,6 +30,7 @@ from typing import Any
 from jax.sharding import PartitionSpec
 
 from titanax.exceptions import PlanError, ShardingError, TitanaxWarning
+from titanax.parallel.scope import pop_rules, push_rules
 
 __all__ = ["Rules", "MeshAxes", "LogicalNames"]
 
@@ -151,14 +152,10 @@ class Rules:
         return f"Rules({', '.join(parts)})"
 
     def __enter__(self) -> Rules:
-        from titanax.parallel.context import push_rules
-
         push_rules(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from titanax.parallel.context import pop_rules
-
         pop_rules(self)
 
     # ------------------------------------------------------------------------------- lookups
@@ -208,13 +205,14 @@ class Rules:
                         f"{dict(mesh_shape)} does not have",
                         suggestion=f"map {name!r} to one of {list(mesh_shape)} or add an axis "
                         f"{axis!r} to the MeshSpec",
+                        owner="Rules", field="rules",
                     )
         for axis in _as_axes(self.unnamed):
             if axis not in mesh_shape:
                 raise PlanError(
                     f"Rules(unnamed={self.unnamed!r}) names mesh axis {axis!r}, which the mesh "
                     f"{dict(mesh_shape)} does not have",
-                    suggestion=f"use one of {list(mesh_shape)}",
+                    suggestion=f"use one of {list(mesh_shape)}", owner="Rules", field="unnamed", value=self.unnamed,
                 )
 
     # ---------------------------------------------------------------------------- resolution
@@ -244,7 +242,7 @@ class Rules:
 
         Example:
           >>> Rules([("batch", "data")]).spec(("batch", None), (16, 4), {"data": 8})
-          PartitionSpec('data', None)
+          P('data', None)
         """
         return PartitionSpec(*self.resolve(names, shape, mesh_shape, what=what))
 
@@ -423,18 +421,19 @@ def _check_logical_rules(rules: Iterable[tuple[str, MeshAxes]]) -> tuple[tuple[s
             raise PlanError(
                 f"rule {rule!r} is not a (logical_name, mesh_axes) pair",
                 suggestion="write rules as [('batch', 'data'), ('mlp', 'tensor'), ('embed', None)]",
+                owner="Rules", field="rules",
             )
         name, target = rule
         axes = _as_axes(target) if target is None or isinstance(target, (str, tuple, list)) else (target,)
         if not all(isinstance(a, str) for a in axes):
             raise PlanError(
                 f"rule ({name!r}, {target!r}): mesh axes must be strings",
-                suggestion="use an axis name, a tuple of axis names, or None",
+                suggestion="use an axis name, a tuple of axis names, or None", owner="Rules", field="rules",
             )
         if len(set(axes)) != len(axes):
             raise PlanError(
                 f"rule ({name!r}, {target!r}) names the same mesh axis twice",
-                suggestion="name each mesh axis once",
+                suggestion="name each mesh axis once", owner="Rules", field="rules",
             )
         pair = (name, None if target is None else _spec_entry(axes))
         if pair not in checked:  # a repeated pair can never change a resolution
@@ -453,6 +452,7 @@ def _check_path_rules(
             raise PlanError(
                 f"path rule {rule!r} is not a (regex, logical_names) pair",
                 suggestion=r"write path rules as [(r'Dense_0/kernel$', ('embed', 'mlp'))]",
+                owner="Rules", field="params",
             )
         pattern, names = rule
         try:
@@ -460,14 +460,14 @@ def _check_path_rules(
         except re.error as err:
             raise PlanError(
                 f"path rule regex {pattern!r} does not compile: {err}",
-                suggestion="escape special characters, e.g. r'layers\\.0/kernel$'",
+                suggestion="escape special characters, e.g. r'layers\\.0/kernel$'", owner="Rules", field="params",
             ) from None
         if isinstance(names, str) or names is None:
             names = (names,)
         if not all(n is None or isinstance(n, str) for n in names):
             raise PlanError(
                 f"path rule {pattern!r}: logical names {names!r} must be strings or None",
-                suggestion="give one logical name (or None) per dimension",
+                suggestion="give one logical name (or None) per dimension", owner="Rules", field="params",
             )
         checked.append((pattern, tuple(names)))
     return tuple(checked)

@@ -414,23 +414,26 @@ def build_schedule(name: str, stages: int, microbatches: int, repeats: int = 1) 
       [[0, 1, -1, -1, -1, -1], [-1, 0, 1, -1, -1, -1]]
     """
     if name not in SCHEDULES:
-        raise PlanError(f"unknown pipeline schedule {name!r}", suggestion=f"use one of {', '.join(SCHEDULES)}")
+        raise PlanError(f"unknown pipeline schedule {name!r}", suggestion=f"use one of {', '.join(SCHEDULES)}",
+                        owner="PP", field="schedule", value=name)
     for what, value in (("stages", stages), ("microbatches", microbatches), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PlanError(f"PP({what}={value!r}) must be a positive integer",
-                            suggestion="e.g. PP(stages=4, microbatches=8)")
+                            suggestion="e.g. PP(stages=4, microbatches=8)", owner="PP", field=what, value=value)
     if microbatches < stages:
         raise PlanError(f"PP(microbatches={microbatches}) is fewer than stages={stages}: stages would idle "
                         "for most of the step", suggestion=f"use microbatches >= {stages} (4 x stages keeps the "
-                        f"bubble near {(stages - 1) / (5 * stages - 1):.0%})")
+                        f"bubble near {(stages - 1) / (5 * stages - 1):.0%})",
+                        owner="PP", field="microbatches", value=microbatches)
     if name in ("gpipe", "1f1b", "zbh1") and repeats != 1:
         better = "circular" if name == "gpipe" else "interleaved"
         raise PlanError(f"schedule {name!r} runs one chunk per stage, not repeats={repeats}",
                         suggestion=f"use schedule={better!r} for {repeats} virtual stages per device, "
-                        "or repeats=1")
+                        "or repeats=1", owner="PP", field="repeats", value=repeats)
     if name == "interleaved" and microbatches % stages:
         raise PlanError(f"the interleaved schedule needs microbatches ({microbatches}) to be a multiple of "
-                        f"stages ({stages})", suggestion=f"use microbatches={stages * max(1, microbatches // stages)}")
+                        f"stages ({stages})", suggestion=f"use microbatches={stages * max(1, microbatches // stages)}",
+                        owner="PP", field="microbatches", value=microbatches)
     if name in ("gpipe", "circular"):
         schedule = _autodiff(name, stages, microbatches, repeats)
     elif name == "zbh1":

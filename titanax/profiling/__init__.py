@@ -1,4 +1,10 @@
-"""Measure what XLA built: per-device memory, FLOPs and collectives of a compiled program.
+"""Measure what XLA built: per-device memory, FLOPs and collectives of a compiled program, one
+step's worth (a loop body counted once per trip).
+
+Modules, in the order they build on each other: ``hlo`` (HLO text -> computations and
+instructions), ``op_cost`` (what one instruction costs), ``trip_count`` (how often a loop runs),
+``walk`` (one run of the program, added up), ``collectives`` and ``stats`` (the report's values),
+``compiled`` (``inspect``: reading a compiled program).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -8,15 +14,15 @@ Example:
   16
 """
 
-from titanax.profiling.compiled import (
+from titanax.profiling.collectives import (
     COLLECTIVE_KINDS,
     CollectiveStats,
-    CompiledStats,
     count_collectives,
-    inspect,
-    shape_bytes,
 )
-from titanax.profiling.units import human_bytes, human_count
+from titanax.profiling.compiled import inspect
+from titanax.profiling.hlo import shape_bytes
+from titanax.profiling.stats import CompiledStats
+from titanax.units import human_bytes, human_count
 
 __all__ = [
     "COLLECTIVE_KINDS",

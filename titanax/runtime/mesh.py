@@ -66,10 +66,12 @@ def _not_devices(devices: Sequence[Any], culprit: Any) -> MeshError:
             f"MeshSpec devices={_fmt_devices(devices)} holds integers (device ids?), not JAX devices",
             suggestion=f"pass the devices themselves, e.g. {first}"
             f"devices=[d for d in jax.devices() if d.id in {ids}]",
+            owner="MeshSpec", field="devices",
         )
     return MeshError(
         f"MeshSpec devices={_fmt_devices(devices)} holds {culprit!r} ({type(culprit).__name__}), not a JAX device",
         suggestion="pass jax.Device objects, e.g. devices=jax.devices()[:4] (or devices=jax.local_devices())",
+        owner="MeshSpec", field="devices",
     )
 
 
@@ -107,24 +109,28 @@ class MeshSpec:
             raise MeshError(
                 f"MeshSpec axes={axes!r} is not a sequence of axis names",
                 suggestion='pass names such as axes=("data", "tensor")',
+                owner="MeshSpec", field="axes", value=axes,
             )
         axes = tuple(axes)
         if not axes:
             raise MeshError(
                 "MeshSpec axes=() names no axes; a mesh needs at least one",
                 suggestion='pass at least one axis name, e.g. axes=("data",)',
+                owner="MeshSpec", field="axes", value=axes,
             )
         for a in axes:
             if not isinstance(a, str) or not a:
                 raise MeshError(
                     f"MeshSpec axis name {a!r} in axes={axes!r} is not a non-empty string",
                     suggestion='name every axis with a string, e.g. axes=("data", "tensor")',
+                    owner="MeshSpec", field="axes", value=axes,
                 )
         dupes = sorted({a for a in axes if axes.count(a) > 1})
         if dupes:
             raise MeshError(
                 f"MeshSpec axes={axes!r} repeats axis {dupes[0]!r}",
                 suggestion="give every mesh axis a distinct name",
+                owner="MeshSpec", field="axes", value=axes,
             )
         object.__setattr__(self, "axes", axes)
 
@@ -136,6 +142,7 @@ class MeshSpec:
                 raise MeshError(
                     f"MeshSpec shape={shape!r} is not a sequence of sizes",
                     suggestion="pass one size per axis, e.g. shape=(-1, 2)",
+                    owner="MeshSpec", field="shape", value=shape,
                 )
             shape = tuple(shape)
             if len(shape) != len(axes):
@@ -143,6 +150,7 @@ class MeshSpec:
                     f"MeshSpec shape {_fmt_shape(shape)} gives {len(shape)} size(s) for the "
                     f"{len(axes)} axes {axes!r}",
                     suggestion="give exactly one size per axis (use -1 for the axis to infer)",
+                    owner="MeshSpec", field=("shape", "axes"), value=(shape, axes),
                 )
             sizes: list[int] = []
             for name, s in zip(axes, shape):
@@ -157,12 +165,14 @@ class MeshSpec:
                     raise MeshError(
                         f"MeshSpec shape {_fmt_shape(shape)}: size {s!r} of axis {name!r} is not an integer",
                         suggestion="use positive integers, and -1 (or None) for the one axis to infer",
+                        owner="MeshSpec", field="shape", value=shape,
                     ) from None
                 if v <= 0 and v != -1:
                     raise MeshError(
                         f"MeshSpec shape {_fmt_shape(shape)}: axis {name!r} has size {v}",
                         suggestion="sizes must be positive; use -1 (or None) for the one axis whose size "
                         "is inferred from the device count",
+                        owner="MeshSpec", field="shape", value=shape,
                     )
                 sizes.append(v)
             inferred = [name for name, v in zip(axes, sizes) if v == -1]
@@ -171,6 +181,7 @@ class MeshSpec:
                     f"MeshSpec shape {_fmt_shape(shape)} asks to infer axes {inferred!r}; only one "
                     "size can be inferred",
                     suggestion=f"give a size to all but one of {inferred!r}",
+                    owner="MeshSpec", field="shape", value=shape,
                 )
             object.__setattr__(self, "shape", tuple(sizes))
 
@@ -185,12 +196,14 @@ class MeshSpec:
                     raise MeshError(
                         f"MeshSpec devices={devs!r} is not a list of devices",
                         suggestion="pass a list such as devices=jax.devices()[:4], or None for all",
+                        owner="MeshSpec", field="devices",
                     ) from None
             if not devs:
                 raise MeshError(
                     "MeshSpec devices=[] holds no devices",
                     suggestion="pass devices=None for all devices, or a non-empty list such as "
                     "jax.devices()[:4]",
+                    owner="MeshSpec", field="devices",
                 )
             seen: set[Any] = set()
             for d in devs:
@@ -200,6 +213,7 @@ class MeshSpec:
                     raise MeshError(
                         f"MeshSpec devices lists {d} more than once",
                         suggestion="list each device once",
+                        owner="MeshSpec", field="devices",
                     )
                 seen.add(d)
             object.__setattr__(self, "devices", devs)
@@ -232,6 +246,7 @@ class MeshSpec:
             raise MeshError(
                 f"MeshSpec{_fmt_shape(self.axes)} cannot be laid out on {n} devices",
                 suggestion="check jax.devices(); at least one device is needed",
+                owner="MeshSpec", field="devices",
             )
         if self.shape is None:
             return (n,) + (1,) * (len(self.axes) - 1)
@@ -244,6 +259,7 @@ class MeshSpec:
                     f"device{'s' * (n != 1)}: the fixed sizes multiply to {fixed}, which does not divide {n}",
                     suggestion=f"use fixed sizes whose product divides {n} "
                     f"({', '.join(map(str, _divisors(n)))}), e.g. shape={_fmt_shape(example)}",
+                    owner="MeshSpec", field="shape", value=self.shape,
                 )
             return tuple(n // fixed if s == -1 else s for s in self.shape)
         if fixed != n:
@@ -256,6 +272,7 @@ class MeshSpec:
                 f"exactly {fixed} devices (e.g. devices=jax.devices()[:{fixed}])"
                 if fixed < n
                 else f"use shape={_fmt_shape(example)} to infer one axis from the {n} device{'s' * (n != 1)}",
+                owner="MeshSpec", field="shape", value=self.shape,
             )
         return tuple(self.shape)
 

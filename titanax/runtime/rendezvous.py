@@ -23,9 +23,9 @@ its own on the coordinator's port:
 It uses only the coordinator's port, which every cluster that runs JAX must already open, and
 plain TCP, so no port or service is added. The timeout is ``initialization_timeout=`` of
 :func:`initialize`, else ``TITANAX_INIT_TIMEOUT`` (seconds, e.g. ``TITANAX_INIT_TIMEOUT=300`` for
-a cluster whose processes start minutes apart), else :data:`DEFAULT_INIT_TIMEOUT_S`; JAX gets the
-same timeout for its own registration. What this cannot cover is a process that dies in the
-instant between the rendezvous and JAX's registration: JAX's abort after the timeout remains.
+a cluster whose processes start minutes apart), else 120 s; JAX gets the same timeout for its own
+registration. What this cannot cover is a process that dies in the instant between the
+rendezvous and JAX's registration: JAX's abort after the timeout remains.
 A job must use Titanax's :func:`initialize` in every process: a process 0 that calls
 ``jax.distributed.initialize`` itself never answers the rendezvous (the others say so), and
 Titanax's process 0 reports such a peer as missing.
@@ -44,11 +44,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from titanax.exceptions import DistributedError
+from titanax.runtime.env_vars import INIT_TIMEOUT_VAR
 
-__all__ = ["INIT_TIMEOUT_VAR", "rendezvous"]
-
-INIT_TIMEOUT_VAR = "TITANAX_INIT_TIMEOUT"
-"""Environment variable: seconds every process waits for the others to join."""
+__all__ = ["rendezvous"]
 
 
 class _Job(NamedTuple):

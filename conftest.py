@@ -1,4 +1,5 @@
-"""Every test sees 8 fake CPU devices; this must run before JAX computes anything."""
+"""Every test, and every docstring example under ``titanax/`` (run with ``--doctest-modules``),
+sees 8 fake CPU devices; this must run before JAX computes anything."""
 
 import atexit
 import os
@@ -16,8 +17,8 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
 _XLA_CACHE = tempfile.mkdtemp(prefix="titanax-tests-xla-cache-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
-sys.path.insert(0, os.path.dirname(__file__))  # `import models` from any test directory
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # `import examples.<name>.<module>`
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))  # `import models` from any test
+sys.path.insert(0, os.path.dirname(__file__))  # `import examples.<name>.<module>`
 
 from titanax.runtime.simulate import simulation_environment  # noqa: E402
 
@@ -26,3 +27,19 @@ simulation_environment(8)  # thread pools sized for 8 devices, collective timeou
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, f"tests need 8 fake CPU devices, got {jax.devices()}"
+
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import titanax as tx  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _doctest_names(doctest_namespace):
+    """The names every docstring example may use without importing them."""
+    doctest_namespace.update(tx=tx, jax=jax, jnp=jnp, np=np, nn=nn, nnx=nnx, P=P)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax.exceptions import ShardingError, TitanaxWarning
 from titanax.parallel.rules import Dropped, LogicalNames, Rules, divisible_axes, pad_names, warn_dropped
-from titanax.profiling.units import human_bytes
+from titanax.units import human_bytes
 
 __all__ = ["Leaf", "ParamLayout", "Layout", "abstract", "layout_tree", "path_string", "place"]
 

@@ -1,0 +1,226 @@
+"""One run of an HLO program, added up: each computation's cost and collectives times the number of
+times it runs.
+
+Every computation gets a vector, ``[flops, transcendentals, bytes accessed, collective counts per
+kind..., collective bytes per kind...]``: its own instructions' (:mod:`titanax.profiling.op_cost`)
+plus what its calls add, evaluated callees first:
+
+* a fusion adds its fused computation's FLOPs and collectives; its bytes are the fusion's own,
+  measured at its boundary (what is fused never touches memory);
+* a ``call`` or ``async-start`` adds everything its computation does, once;
+* a ``while`` adds its body once per trip and its condition once per trip plus once (the test
+  that ends the loop), with the trip count of :func:`titanax.profiling.trip_count.trip_count`;
+  nested loops multiply. A loop of unknown trip count adds body and condition once and is
+  counted in :attr:`ProgramTotals.unknown_trip_loops` (the figures are then lower bounds);
+* a ``conditional`` runs one branch, unknown until run time, so it adds the most any branch
+  could: for cost, the largest FLOPs, transcendentals and bytes over its branches (property by
+  property, as XLA's cost model does); for collectives, the branch that moves the most bytes
+  (then the most ops), so that counts and bytes describe one branch that can run. An upper
+  bound, counted in :attr:`ProgramTotals.conditionals`: in a pipeline, whose stages compute under
+  ``lax.cond`` only on their busy ticks, every tick counts as busy;
+* a combiner (``to_apply=`` of a reduce, an all-reduce) or a ``custom-call``'s computations add
+  only collectives: the instruction itself already charges its combiner per application, and
+  XLA does not look into custom calls.
+
+The walk also returns the same figures counted the way XLA's cost model counts them, every loop
+body and condition once (:attr:`ProgramTotals.once`), so a caller can correct XLA's own numbers by
+exactly the work it leaves out. The program's roots are the computations nothing calls: the
+ENTRY, any computation whose caller is not recognised, and lines outside any computation.
+
+Example:
+  >>> from titanax.profiling.hlo import parse_hlo
+  >>> totals = program_totals(parse_hlo(
+  ...     '%w = (s32[]) while(%t), condition=%c, body=%b, backend_config={"known_trip_count":{"n":"3"}}'))
+  >>> totals.unknown_trip_loops, totals.conditionals
+  (0, 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from titanax.profiling.hlo import Computation, HloModule, shape_bytes
+from titanax.profiling.op_cost import (
+    COLLECTIVE_KINDS,
+    collective_kind,
+    instruction_cost,
+)
+from titanax.profiling.trip_count import trip_count
+
+__all__ = ["BYTES", "COUNTS", "FLOPS", "KIND_BYTES", "TRANSCENDENTALS", "WIDTH", "ProgramTotals",
+           "program_totals"]
+
+_NKINDS = len(COLLECTIVE_KINDS)
+#: Positions in a totals vector.
+FLOPS, TRANSCENDENTALS, BYTES = 0, 1, 2
+#: Collective counts per kind start here, in the order of ``COLLECTIVE_KINDS``; bytes follow.
+COUNTS = 3
+KIND_BYTES = COUNTS + _NKINDS
+WIDTH = COUNTS + 2 * _NKINDS
+_KIND_INDEX = {kind: i for i, kind in enumerate(COLLECTIVE_KINDS)}
+_COST = range(FLOPS, COUNTS)
+_COLLECTIVES = range(COUNTS, WIDTH)
+_NO_BYTES = [i for i in range(WIDTH) if i != BYTES]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramTotals:
+    """Cost and collectives of one run of an HLO program, on one device.
+
+    Attributes:
+      per_run: the totals vector (see the module's docstring for its layout) of one run: loop
+        bodies once per trip, conditionals at their heaviest branch.
+      once: the same counted as XLA's cost model counts it: every loop body and condition once.
+      static: collective counts and bytes counting each instruction once per appearance in the
+        text, wherever it sits (cost entries 0).
+      unknown_trip_loops: ``while`` instructions whose trip count is unknown (each counted as if
+        it ran once, so ``per_run`` is a lower bound when this is above 0).
+      conditionals: ``conditional`` instructions, each counted at its heaviest branch.
+    """
+
+    per_run: tuple[int, ...]
+    once: tuple[int, ...]
+    static: tuple[int, ...]
+    unknown_trip_loops: int = 0
+    conditionals: int = 0
+
+
+# One call edge: (kind, callee names, trip count). Kinds: "fusion", "call", "combiner", "while"
+# (callees: body then condition), "conditional" (callees: the branches).
+_Edge = tuple[str, list[str], int | None]
+
+
+def _own_and_edges(comp: Computation, module: HloModule, costs: bool,
+                   static: list[int]) -> tuple[list[int], list[_Edge]]:
+    own = [0] * WIDTH
+    edges: list[_Edge] = []
+    for inst in comp.instructions:
+        op = inst.opcode
+        kind = collective_kind(op)
+        if kind is not None and kind[1] != "-start":  # an async pair counts once, at its -done
+            i = _KIND_INDEX[kind[0]]
+            nbytes = shape_bytes(inst.shape)
+            own[COUNTS + i] += 1
+            own[KIND_BYTES + i] += nbytes
+            static[COUNTS + i] += 1
+            static[KIND_BYTES + i] += nbytes
+        if costs:
+            flops, trans, nbytes = instruction_cost(inst, comp, module)
+            own[FLOPS] += flops
+            own[TRANSCENDENTALS] += trans
+            own[BYTES] += nbytes
+        callees = inst.callees
+        if not callees or op in ("async-done", "async-update"):
+            continue  # an async wrapper's computation runs once, counted at its async-start
+        if "body" in callees:
+            edges.append(("while", [callees["body"][0], (callees.get("condition") or [""])[0]],
+                          trip_count(inst, comp, module)))
+        elif "branch_computations" in callees or "true_computation" in callees:
+            branches = (callees.get("branch_computations")
+                        or callees.get("true_computation", []) + callees.get("false_computation", []))
+            edges.append(("conditional", branches, None))
+        elif op == "fusion":
+            edges.append(("fusion", callees.get("calls", []), None))
+        elif op in ("call", "async-start"):
+            edges.append(("call", [n for names in callees.values() for n in names], None))
+        else:
+            edges.append(("combiner", [n for names in callees.values() for n in names], None))
+    return own, edges
+
+
+def _add(acc: list[int], vec: list[int], factor: int, indices: range | list[int]) -> None:
+    if factor:
+        for i in indices:
+            if vec[i]:
+                acc[i] += factor * vec[i]
+
+
+def _heaviest(vecs: list[list[int]]) -> list[int]:
+    """Cost entries: the largest over the branches; collective entries: the heaviest branch's."""
+    out = [0] * WIDTH
+    if not vecs:
+        return out
+    for i in _COST:
+        out[i] = max(v[i] for v in vecs)
+    heaviest = max(vecs, key=lambda v: (sum(v[KIND_BYTES:]), sum(v[COUNTS:KIND_BYTES])))
+    for i in _COLLECTIVES:
+        out[i] = heaviest[i]
+    return out
+
+
+def program_totals(module: HloModule, *, costs: bool = True) -> ProgramTotals:
+    """Adds up one run of a parsed HLO program: cost and collectives, loops per trip.
+
+    Args:
+      module: the parsed module (:func:`titanax.profiling.hlo.parse_hlo`).
+      costs: also cost every instruction (FLOPs, transcendentals, bytes accessed); ``False``
+        counts collectives only, which is quicker on large modules.
+
+    Returns:
+      A :class:`ProgramTotals`. Linear in the size of the module: each computation is evaluated
+      once, callees first, by an iterative walk (no recursion limit on deep call chains).
+
+    Example:
+      >>> from titanax.profiling.hlo import parse_hlo
+      >>> program_totals(parse_hlo("%n = f32[8]{0} negate(%p)")).per_run[FLOPS]
+      8
+    """
+    static = [0] * WIDTH
+    comps = {"": module.outside, **module.computations}
+    parts = {name: _own_and_edges(comp, module, costs, static) for name, comp in comps.items()}
+    called = {callee for _, edges in parts.values() for _, names, _ in edges for callee in names}
+    done: dict[str, tuple[list[int], list[int]]] = {}
+    visiting: set[str] = set()
+    unknown, conditionals = 0, 0
+
+    def finish(name: str) -> tuple[list[int], list[int]]:
+        nonlocal unknown, conditionals
+        own, edges = parts[name]
+        run, once = list(own), list(own)
+        for kind, names, trips in edges:
+            got = [done[n] for n in names if n in done]
+            if kind == "while":
+                body = done.get(names[0])
+                cond = done.get(names[1]) if len(names) > 1 else None
+                if trips is None:
+                    unknown += 1
+                for vecs, runs in ((body, 1 if trips is None else trips),
+                                   (cond, 1 if trips is None else trips + 1)):
+                    if vecs is not None:
+                        _add(run, vecs[0], runs, range(WIDTH))
+                        _add(once, vecs[1], 1, range(WIDTH))
+            elif kind == "conditional":
+                conditionals += 1
+                _add(run, _heaviest([g[0] for g in got]), 1, range(WIDTH))
+                _add(once, _heaviest([g[1] for g in got]), 1, range(WIDTH))
+            else:
+                indices = {"fusion": _NO_BYTES, "call": range(WIDTH), "combiner": _COLLECTIVES}[kind]
+                for run_vec, once_vec in got:
+                    _add(run, run_vec, 1, indices)
+                    _add(once, once_vec, 1, indices)
+        return run, once
+
+    per_run, once = [0] * WIDTH, [0] * WIDTH
+    for root in parts:
+        if root in called:
+            continue
+        stack: list[tuple[str, bool]] = [(root, False)]
+        while stack:
+            name, ready = stack.pop()
+            if ready:
+                done[name] = finish(name)
+                visiting.discard(name)
+                continue
+            if name in done or name in visiting or name not in parts:
+                continue  # evaluated already, a call cycle (malformed text), or not in the text
+            if not parts[name][1]:
+                done[name] = (parts[name][0], parts[name][0])
+                continue
+            visiting.add(name)
+            stack.append((name, True))
+            stack.extend((callee, False) for _, names, _ in parts[name][1] for callee in names
+                         if callee not in done)
+        if root in done:
+            _add(per_run, done[root][0], 1, range(WIDTH))
+            _add(once, done[root][1], 1, range(WIDTH))
+    return ProgramTotals(tuple(per_run), tuple(once), tuple(static), unknown, conditionals)
