@@ -15,7 +15,7 @@ Example:
   ...
 """
 
-from titanax import config, data, exceptions, io, logging, nn, optim, parallel, profiling, runtime
+from titanax import config, data, exceptions, io, logging, nn, optim, parallel, planner, profiling, runtime
 from titanax.exceptions import (
     CheckpointError,
     CollectiveError,
@@ -54,6 +54,7 @@ from titanax.parallel import (
     tree_layout,
     tree_shardings,
 )
+from titanax.planner import autoplan
 from titanax.runtime import MeshSpec, ProcessGroups, initialize, simulate_cpu_devices
 from titanax.version import __version__
 
@@ -66,10 +67,13 @@ __all__ = [
     # training
     "Engine", "TrainState", "create_train_state", "step_fn", "StepFunction", "value_and_grad",
     "Precision", "LossScale", "collectives",
+    # choosing the plan
+    "autoplan",
     # errors
     "TitanaxError", "MeshError", "PlanError", "ShardingError", "CollectiveError", "DistributedError",
     "CheckpointError", "ConfigError", "NonFiniteError", "TitanaxWarning",
     # packages
-    "runtime", "parallel", "nn", "optim", "data", "io", "logging", "profiling", "config", "exceptions",
+    "runtime", "parallel", "nn", "optim", "data", "io", "logging", "profiling", "config", "planner",
+    "exceptions",
     "__version__",
 ]

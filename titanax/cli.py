@@ -1,7 +1,8 @@
-"""The ``titanax`` command: ``run``, ``describe`` and ``launch`` a training run from a YAML file.
+"""The ``titanax`` command: ``run``, ``describe``, ``plan`` and ``launch`` a training run from a YAML file.
 
     titanax run examples/configs/mnist_dp.yaml --cpu-devices 8
     titanax describe examples/configs/gpt_small_dp2_tp4.yaml
+    titanax plan examples/configs/gpt_70b_fsdp32_tp8.yaml --devices 256 --device h100
     titanax launch --nprocs 2 --cpu-devices-per-proc 4 -- titanax run examples/configs/mnist_dp.yaml
 
 A configuration mistake (``TitanaxError``) prints one paragraph — what is wrong, which key, what to
@@ -209,6 +210,61 @@ def describe(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDe
         from titanax.config.describe import describe_run
 
         typer.echo(describe_run(cfg, device=judged).render())
+    except TitanaxError as error:
+        _fail(_with_cpu_devices_hint(error, cfg), debug)
+
+
+@app.command()
+def plan(config: ConfigPath,
+         devices: Annotated[int, typer.Option("--devices", "-n", min=1, metavar="N",
+                                              help="Devices to plan for (simulated on the CPU).")],
+         overrides: Overrides = None,
+         device: Annotated[str, typer.Option(
+             "--device", metavar="NAME",
+             help="The accelerator to estimate for: h100, h200, a100, b200, tpu-v5p, tpu-v5e; or "
+             "'calibrate' to measure this machine's devices.")] = "h100",
+         device_memory: Annotated[Optional[str], typer.Option(
+             "--device-memory", metavar="SIZE", help="Memory budget per device, e.g. 80GiB (default: the device's).")] = None,
+         top: Annotated[int, typer.Option("--top", min=1, metavar="K", help="Rows of the table to print.")] = 25,
+         write: Annotated[Optional[str], typer.Option(
+             "--write", metavar="PATH", help="Write the configuration with the chosen plan here.")] = None,
+         time_budget: Annotated[float, typer.Option(
+             "--time-budget", metavar="SECONDS", help="Seconds to spend compiling candidates.")] = 240.0,
+         remat: Annotated[Optional[list[str]], typer.Option(
+             "--remat", metavar="POLICY", help="Also try the model's remat argument with this value (repeatable).")] = None,
+         measure: Annotated[int, typer.Option(
+             "--measure", metavar="STEPS", help="Also run each plan that fits for STEPS steps here (small models).")] = 0,
+         debug: Debug = False) -> None:
+    """Choose the plan: compile candidate plans abstractly and rank them by a roofline estimate.
+
+    Enumerates every split of N devices over pipe, data, fsdp and tensor axes (with sequence
+    parallelism, pipeline schedules and microbatches, and --remat policies), prunes by
+    divisibility and memory arithmetic, compiles the rest abstractly (nothing is allocated),
+    cheapest first within --time-budget, and ranks those that fit the device's memory by their
+    estimated step time. Every candidate not chosen says why.
+    """
+    from titanax.exceptions import TitanaxError
+
+    cfg = None
+    try:
+        from titanax.profiling.devices import device_memory as memory_of
+
+        budget = memory_of(size=device_memory).bytes if device_memory is not None else None
+        os.environ.setdefault("PJRT_NPROC", str(os.cpu_count() or 1))
+        cfg = _start(config, overrides, devices)
+        from titanax.planner import autoplan
+
+        search = autoplan(config, devices=devices, device=device, memory_bytes=budget, overrides=overrides or (),
+                          time_budget=time_budget, remat=(None, *remat) if remat else (None,),
+                          measure_steps=measure, progress=True)
+        typer.echo(search.table(limit=top))
+        if search.best is None:
+            raise TitanaxError("no candidate fits the memory budget",
+                               suggestion="more devices, --remat full, a smaller data.batch_size or a larger device")
+        typer.echo(f"chosen: {search.best.candidate.label}")
+        if write:
+            search.write(write)
+            typer.echo(f"wrote {write}: titanax run {write}")
     except TitanaxError as error:
         _fail(_with_cpu_devices_hint(error, cfg), debug)
 

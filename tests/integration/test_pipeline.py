@@ -176,9 +176,13 @@ def test_pipeline_misconfigurations_are_plan_errors(pp_kwargs, extra, match):
         misconfigured(pp_kwargs, **extra)
 
 
-def test_has_aux_under_1f1b_is_refused():
+def test_has_aux_or_a_closed_over_batch_under_1f1b_is_refused():
     spec, plan = layout("pp2", tx.PP(stages=2, microbatches=2, schedule="1f1b"))
-    sm = tx.shard(lambda: GPT(CFG, rngs=nnx.Rngs(0)), plan, spec.build())
+    sm = tx.shard(lambda: GPT(CFG, rngs=nnx.Rngs(0)), plan, spec.build(), abstract=True)
     fn = tx.value_and_grad(lambda p, t: (loss_fn(sm.apply, p, t), 0.0), has_aux=True)
     with pytest.raises(tx.PlanError, match="has_aux=True"):
         jax.eval_shape(fn, sm.params, tokens())
+    batch = tokens()  # a batch the loss closes over cannot be split into microbatches
+    closed = tx.value_and_grad(lambda p: loss_fn(sm.apply, p, batch))
+    with pytest.raises(tx.PlanError, match="needs the batch as an argument of the loss"):
+        jax.eval_shape(closed, sm.params)

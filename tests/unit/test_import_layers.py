@@ -23,6 +23,7 @@ LAYERS = (
     "data", "io", "logging",
     "exec",
     "config",
+    "planner",
     "<package>",  # titanax/__init__.py re-exports the public surface
     "cli",
 )

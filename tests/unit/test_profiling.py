@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import models
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
@@ -20,6 +21,7 @@ from titanax.profiling import (
     COLLECTIVE_KINDS,
     CollectiveStats,
     CompiledStats,
+    collectives_by_axis,
     count_collectives,
     human_bytes,
     human_count,
@@ -811,3 +813,203 @@ def test_inspect_rejects_what_is_not_compiled(devices8):
         inspect("HloModule m")
     with pytest.raises(TitanaxError):
         inspect(None)
+
+
+# ------------------------------------------------------------------------- collectives by axis
+
+
+def _sums_to_totals(by_axis, stats):
+    """Per kind, the axes tuples add up to inspect's figures exactly."""
+    for kind in COLLECTIVE_KINDS:
+        parts = [d[kind] for d in by_axis.values()]
+        assert sum(parts, CollectiveStats()) == stats.collectives[kind], kind
+
+
+def _spans(by_axis):
+    """axes -> {kind: (count, bytes)}, only what occurs."""
+    return {axes: {k: (s.count, s.bytes) for k, s in d.items() if s.static_count}
+            for axes, d in by_axis.items()}
+
+
+def _mlp_step(mesh, plan):
+    """A GPT-like MLP's loss gradient: column- then row-parallel under TP, the batch over DP."""
+    sm = tx.shard(lambda rngs: models.NNXMLP(rngs, dim=64, hidden=256), plan, mesh, abstract=True)
+    step = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(sm.apply(p, x) ** 2)))
+    return step.lower(sm.params, sm.shard_batch(models.float_batch(dim=64))).compile()
+
+
+_DP_TP = tx.Plan(data_parallel=tx.DP(axis="data"), tensor_parallel=tx.TP(axis="tensor"))
+
+
+def test_collectives_by_axis_splits_a_dp_tp_step_into_gradient_and_tensor_all_reduces(devices8):
+    mesh = tx.MeshSpec(axes=("data", "tensor"), shape=(4, 2)).build()
+    compiled = _mlp_step(mesh, _DP_TP)
+    by_axis, stats = collectives_by_axis(compiled, mesh), inspect(compiled)
+    spans = _spans(by_axis)
+    assert list(spans) == [("data",), ("tensor",)]
+    # TP: the row-parallel matmul's partial sums of the [16 / 4, 64] activation, over the pair.
+    assert spans[("tensor",)] == {"all-reduce": (1, 16 // 4 * 64 * F32)}
+    # DP: the gradients (each device holds half of the TP-split ones), and the loss.
+    assert set(spans[("data",)]) == {"all-reduce"} and spans[("data",)]["all-reduce"][1] > 64 * 256 * F32
+    _sums_to_totals(by_axis, stats)
+    # The Lowered and the text give the same; every kind is present, zero where absent.
+    assert collectives_by_axis(compiled.as_text(), mesh) == by_axis
+    assert by_axis[("tensor",)]["all-gather"] == CollectiveStats()
+
+
+def test_collectives_by_axis_maps_devices_through_the_device_assignment(devices8):
+    # Mesh position (i, j) holds device 4 * j + i: a group of consecutive device ids is not a
+    # tensor pair, so reading ids as mesh positions or as ids in order would be wrong.
+    devices = np.array(jax.devices()[:8]).reshape(2, 4).T
+    mesh = jax.sharding.Mesh(devices, ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    compiled = _mlp_step(mesh, _DP_TP)
+    spans = _spans(collectives_by_axis(compiled, mesh))
+    assert list(spans) == [("data",), ("tensor",)]
+    assert spans[("tensor",)] == {"all-reduce": (1, 16 // 4 * 64 * F32)}
+    # The same program read against a mesh in plain order: devices, not positions, decide.
+    plain = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+    assert ("tensor",) not in collectives_by_axis(compiled, plain)
+    # HLO text has no device assignment: the mesh's own order is taken.
+    text = ("%ar = f32[4]{0} all-reduce(%p), channel_id=1, replica_groups={{0,1},{2,3},{4,5},{6,7}}, "
+            "use_global_device_ids=true, to_apply=%add")
+    assert list(collectives_by_axis(text, mesh)) == [("tensor",)]
+
+
+def test_collectives_by_axis_counts_a_scanned_stack_per_layer(devices8):
+    mesh = tx.MeshSpec(axes=("data", "tensor"), shape=(4, 2)).build()
+
+    def by_axis(layers):
+        sm = tx.shard(lambda rngs: _StackedModel(rngs, layers, 1), _DP_TP, mesh, abstract=True)
+        compiled = sm.lower(models.float_batch(dim=64)).compile()
+        out = collectives_by_axis(compiled, mesh)
+        _sums_to_totals(out, inspect(compiled))
+        return out
+
+    rest, one, four = by_axis(0), by_axis(1), by_axis(4)
+    zero = CollectiveStats()
+    layer = {axes: {k: (one[axes][k].count - rest.get(axes, {}).get(k, zero).count,
+                        one[axes][k].bytes - rest.get(axes, {}).get(k, zero).bytes) for k in COLLECTIVE_KINDS}
+             for axes in one}
+    assert layer[("tensor",)]["all-reduce"] == (1, 16 // 4 * 64 * F32)  # one per layer
+    assert set(four) == set(one)
+    for axes in four:
+        for kind in COLLECTIVE_KINDS:
+            got = (four[axes][kind].count - rest.get(axes, {}).get(kind, zero).count,
+                   four[axes][kind].bytes - rest.get(axes, {}).get(kind, zero).bytes)
+            assert got == (4 * layer[axes][kind][0], 4 * layer[axes][kind][1]), (axes, kind)
+    assert four[("tensor",)]["all-reduce"].static_count == one[("tensor",)]["all-reduce"].static_count
+
+
+def test_collectives_by_axis_finds_fsdp_all_gathers_on_the_fsdp_axis(devices8):
+    mesh = tx.MeshSpec(axes=("data", "fsdp", "tensor"), shape=(2, 2, 2)).build()
+    compiled = _mlp_step(mesh, tx.Plan(data_parallel=tx.DP(axis="data"), fsdp=tx.FSDP(axis="fsdp"),
+                                       tensor_parallel=tx.TP(axis="tensor")))
+    by_axis = collectives_by_axis(compiled, mesh)
+    gathers = {axes: d["all-gather"] for axes, d in by_axis.items() if d["all-gather"].count}
+    assert list(gathers) == [("fsdp",)] and gathers[("fsdp",)].count >= 2  # both matmuls' weights
+    assert by_axis[("tensor",)]["all-reduce"].count == 1
+    _sums_to_totals(by_axis, inspect(compiled))
+
+
+_AXES_MESH = ("a", "b", "c")
+
+
+@pytest.mark.parametrize("groups, axes", [
+    ("{{0,1},{2,3},{4,5},{6,7}}", ("c",)),
+    ("{{0,2,4,6},{1,3,5,7}}", ("a", "b")),
+    ("{}", ("a", "b", "c")),  # no groups: every device in one
+    ("{{0},{1},{2},{3},{4},{5},{6},{7}}", ()),
+    ("[2,4]<=[4,2]T(1,0)", ("a", "b")),  # the iota form: rows of arange(8).reshape(4, 2).T
+    ("[4,2]<=[2,2,2]T(0,2,1)", ("b",)),
+    ("[4,2]<=[8]", ("c",)),
+    ("mesh['x'=4,'y'=2] {'x'}", ("a", "b")),  # the mesh-axes form, XLA's own axis names
+    ("mesh['a'=2,'b'=2,'c'=2] {'a','c'}", ("a", "c")),
+    ("mesh[x=4,y=2] {x:(2)2}", ("b",)),  # a sub-axis: the minor half of x
+    ("mesh['x'=4,'y'=2], device_ids=([4,2]<=[2,4]T(1,0)) {'y'}", ("a",)),
+    ("mesh['x'=4,'y'=2], device_ids=(0,4,1,5,2,6,3,7) {'y'}", ("a",)),
+    ("mesh['x'=4,'y'=2], device_ids=([2,4]T(1,0)) {'y'}", ("a",)),  # as XLA 0.10 prints it
+])
+def test_collectives_by_axis_reads_every_replica_group_form(devices8, groups, axes):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), _AXES_MESH)
+    text = (f"%ag = f32[16]{{0}} all-gather(%p), channel_id=1, replica_groups={groups}, "
+            f"dimensions={{0}}, use_global_device_ids=true, metadata={{op_name=\"x\"}}")
+    assert collectives_by_axis(text, mesh) == {axes: {
+        k: CollectiveStats(1, 64) if k == "all-gather" else CollectiveStats() for k in COLLECTIVE_KINDS}}
+
+
+def test_collectives_by_axis_follows_xla_group_modes_pairs_async_ops_and_loops(devices8):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), _AXES_MESH)
+    text = """HloModule m, num_partitions=8
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %s = f32[8]{0} all-reduce-start(%x), channel_id=2, replica_groups=[4,2]<=[8], use_global_device_ids=true, to_apply=%add
+  %d = f32[8]{0} all-reduce-done(%s)
+  %cp = f32[8]{0} collective-permute(%d), channel_id=3, source_target_pairs={{0,4},{4,0},{1,1}}
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %cp)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %cr = f32[8]{0} all-reduce(%a), replica_groups={{0}}, to_apply=%add
+  %cp2 = f32[8]{0} all-to-all(%a), channel_id=4, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %w = (s32[], f32[8]{0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %r = f32[8]{0} all-reduce(%cp2), channel_id=5, replica_groups={{0}}, to_apply=%add
+}
+"""
+    spans = _spans(collectives_by_axis(text, mesh))
+    assert spans == {
+        (): {"all-reduce": (1, 32)},  # cross-replica in a one-replica program: one device each
+        ("a",): {"collective-permute": (5, 5 * 32)},  # pairs {0,4}: a; {1,1} stays put
+        ("a", "b", "c"): {"all-reduce": (1, 32)},  # replica 0, and with it every partition
+        ("b", "c"): {"all-to-all": (1, 32)},  # channel_id without the flag: partition ids
+        ("c",): {"all-reduce": (5, 5 * 32)},  # the async pair once per trip, groups of the -start
+    }
+    assert sum((d["all-reduce"] for d in collectives_by_axis(text, mesh).values()),
+               CollectiveStats()) == count_collectives(text)["all-reduce"]
+
+
+def test_collectives_by_axis_rejects_what_it_cannot_read(devices8):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+    with pytest.raises(TitanaxError):
+        collectives_by_axis(jax.jit(jnp.sin), mesh)
+    with pytest.raises(TitanaxError) as info:
+        collectives_by_axis("%a = f32[4]{0} all-reduce(%p), replica_groups={}", mesh.abstract_mesh)
+    assert info.value.field == "mesh"
+    small = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
+    with pytest.raises(TitanaxError) as info:
+        collectives_by_axis("HloModule m, num_partitions=8\n%a = f32[4]{0} all-reduce(%p), "
+                            "channel_id=1, replica_groups={{0,1}}, use_global_device_ids=true", small)
+    assert "8 devices" in str(info.value)
+    assert collectives_by_axis("%n = f32[4]{0} negate(%p)", mesh) == {}
+
+
+def test_collectives_by_axis_takes_a_conditionals_heaviest_branch_as_inspect_does(devices8):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), _AXES_MESH)
+    text = """HloModule m, num_partitions=8
+
+%light (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %ar = f32[8]{0} all-reduce(%p), channel_id=1, replica_groups={{0,4},{1,5},{2,6},{3,7}}, use_global_device_ids=true, to_apply=%add
+}
+
+%heavy (q: f32[8]) -> f32[8] {
+  %q = f32[8]{0} parameter(0)
+  %ag = f32[64]{0} all-gather(%q), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, use_global_device_ids=true
+  ROOT %s = f32[8]{0} slice(%ag), slice={[0:8]}
+}
+
+ENTRY %main (i: s32[], x: f32[8]) -> f32[8] {
+  %i = s32[] parameter(0)
+  %x = f32[8]{0} parameter(1)
+  ROOT %c = f32[8]{0} conditional(%i, %x, %x), branch_computations={%light, %heavy}
+}
+"""
+    by_axis = collectives_by_axis(text, mesh)
+    assert by_axis[("a", "b", "c")]["all-gather"] == CollectiveStats(1, 256)
+    # The branch not counted still shows in the text's (static) figures.
+    assert by_axis[("a",)]["all-reduce"] == CollectiveStats(0, 0, static_count=1, static_bytes=32)
+    totals = count_collectives(text)
+    for kind in COLLECTIVE_KINDS:
+        assert sum((d[kind] for d in by_axis.values()), CollectiveStats()) == totals[kind]

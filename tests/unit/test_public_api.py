@@ -18,7 +18,7 @@ import titanax
 
 API = (pathlib.Path(__file__).parents[2] / "docs" / "api.md").read_text()
 PACKAGES = ("runtime", "parallel", "nn", "exec", "optim", "data", "io", "logging", "profiling",
-            "config", "exceptions")
+            "config", "planner", "exceptions")
 
 
 def _sections() -> dict[str, str]:

@@ -20,7 +20,7 @@ import numpy as np
 from titanax.config.run import prepare
 from titanax.config.schema import RunConfig
 
-__all__ = ["RunDescription", "describe_run", "bytes_per_device"]
+__all__ = ["CompiledRun", "RunDescription", "bytes_per_device", "compile_run", "describe_run"]
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -240,6 +240,55 @@ def _width_ways(layout: Any, mesh: Any, batch_axes: tuple[str, ...]) -> dict[int
     return ways
 
 
+@dataclasses.dataclass(frozen=True)
+class CompiledRun:
+    """A run's training step compiled from abstract state: what ``describe`` and ``plan`` read."""
+
+    prepared: Any
+    """The ``Prepared`` parts (engine, model, data, step)."""
+    sharded: Any
+    """The abstract ``ShardedModel``."""
+    state: Any
+    """The abstract ``TrainState`` (shapes and shardings)."""
+    batch: Any
+    """The abstract global batch the step is compiled for."""
+    compiled: Any
+    """The compiled step (``jax.stages.Compiled``)."""
+    seconds: float
+    """Time to lower and compile the step."""
+    recorder: Any
+    """What the model was called with (for the analytic activations)."""
+
+
+def compile_run(cfg: RunConfig) -> CompiledRun:
+    """Lay out and compile a run's training step from abstract state, allocating nothing.
+
+    Args:
+      cfg: the run configuration (its mesh must fit the devices present, e.g. simulated ones).
+
+    Returns:
+      The :class:`CompiledRun`.
+
+    Raises:
+      TitanaxError: the configuration cannot be built on the current devices.
+    """
+    from titanax.parallel.shard import shard
+
+    run = prepare(cfg, loggers=False, checkpoint=False)
+    engine = run.engine
+    # Abstract end to end: shapes and shardings only, so a 405B plan fits on a laptop.
+    sharded = shard(run.model, engine.plan, engine.mesh, example=run.model_example, rng=cfg.train.seed,
+                    abstract=True)
+    state = engine.init(sharded)
+    recorder = _ApplyRecorder(state.apply_fn)
+    state = state.replace(apply_fn=recorder)
+    batch = _abstract_batch(run.source.example, engine)
+    started = time.perf_counter()
+    compiled = run.step.lower(state, batch).compile()
+    return CompiledRun(prepared=run, sharded=sharded, state=state, batch=batch, compiled=compiled,
+                       seconds=time.perf_counter() - started, recorder=recorder)
+
+
 def describe_run(cfg: RunConfig, *, device: Any = None) -> RunDescription:
     """Lay out and compile a run's training step without allocating or training anything.
 
@@ -255,22 +304,12 @@ def describe_run(cfg: RunConfig, *, device: Any = None) -> RunDescription:
       TitanaxError: the configuration cannot be built on the current devices.
     """
     from titanax.parallel.batch import batch_axes
-    from titanax.parallel.shard import shard
     from titanax.profiling import inspect
     from titanax.runtime import describe_mesh
 
-    run = prepare(cfg, loggers=False, checkpoint=False)
-    engine = run.engine
-    # Abstract end to end: shapes and shardings only, so a 405B plan fits on a laptop.
-    sharded = shard(run.model, engine.plan, engine.mesh, example=run.model_example, rng=cfg.train.seed,
-                    abstract=True)
-    state = engine.init(sharded)
-    recorder = _ApplyRecorder(state.apply_fn)
-    state = state.replace(apply_fn=recorder)
-    batch = _abstract_batch(run.source.example, engine)
-    started = time.perf_counter()
-    compiled = run.step.lower(state, batch).compile()
-    seconds = time.perf_counter() - started
+    built = compile_run(cfg)
+    engine, sharded, state, batch = built.prepared.engine, built.sharded, built.state, built.batch
+    compiled, seconds, recorder = built.compiled, built.seconds, built.recorder
     axes = batch_axes(engine.rules, engine.mesh.shape)
     # Under PP the step runs the stack as a pipeline of microbatches, which the residual count
     # below cannot divide per device; the compiled figure stands alone there.

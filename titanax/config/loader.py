@@ -24,7 +24,7 @@ from titanax.config.keys import yaml_keys
 from titanax.config.schema import PlanConfig, RunConfig, key_hint, keys_under
 from titanax.exceptions import ConfigError, TitanaxError
 
-__all__ = ["load", "from_dict"]
+__all__ = ["from_dict", "load", "load_values"]
 
 
 def load(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -50,6 +50,18 @@ def load(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> 
     layers = [] if path is None else [_read(str(path))]
     layers.append(_overrides(overrides))
     return _merge(layers, where, overrides)
+
+
+def load_values(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The file with the overrides applied, as a plain mapping, after :func:`load` validated it:
+    the form to derive variants of a run from (``titanax plan`` swaps its mesh and plan).
+
+    Raises:
+      ConfigError: as :func:`load`.
+    """
+    load(path, overrides)
+    merged = OmegaConf.merge(_read(str(path)), _overrides(overrides))
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 def from_dict(values: dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:

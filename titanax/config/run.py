@@ -23,7 +23,7 @@ from titanax.config.schema import RunConfig
 from titanax.data.source import DataSource
 from titanax.exceptions import ConfigError
 
-__all__ = ["Prepared", "prepare", "train"]
+__all__ = ["Prepared", "build_model", "build_source", "prepare", "train"]
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -57,7 +57,7 @@ def _takes(factory: Any, name: str) -> bool:
     return signature is not None and name in signature.parameters
 
 
-def _model(cfg: RunConfig, example: Any, rules: Any, mesh: Any) -> tuple[Any, Any]:
+def build_model(cfg: RunConfig, example: Any, rules: Any, mesh: Any) -> tuple[Any, Any]:
     """What ``Engine.init`` takes (an NNX factory ``rngs -> module``, or a built module) and the
     example input a Linen module is initialized with."""
     from titanax.parallel.tracing import tracing_context
@@ -106,7 +106,8 @@ def _no_input(cfg: RunConfig) -> None:
                           owner=OWNER, field="model.input", value=cfg.model.input)
 
 
-def _source(cfg: RunConfig) -> DataSource:
+def build_source(cfg: RunConfig) -> DataSource:
+    """The ``DataSource`` ``data.factory(**data.args, batch_size=, seed=)`` returns, checked."""
     factory = import_object(cfg.data.factory, "data.factory")
     for reserved in ("batch_size", "seed"):
         if reserved in cfg.data.args:
@@ -224,14 +225,14 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
         step = step_fn(step)
     eval_step = _step(cfg.train.eval_step, "train.eval_step")
     eval_summary = _step(cfg.train.eval_summary, "train.eval_summary")
-    source = _source(cfg)
+    source = build_source(cfg)
     if eval_step is not None and source.eval is None:  # `run` would skip every evaluation silently
         raise ConfigError(f"train.eval_step={cfg.train.eval_step!r} is set but data.factory={cfg.data.factory!r} "
                           "returned a DataSource without eval data",
                           suggestion="return tx.data.DataSource(..., eval=held_out_batches) from the data "
                           "factory, or drop train.eval_step", owner=OWNER, field="train.eval_step")
     rules = plan.resolved_rules()
-    model, example = _model(cfg, source.example, rules, mesh)
+    model, example = build_model(cfg, source.example, rules, mesh)
     _check_vocabulary(model, source, rules, mesh)
     with keyed("optimizer"):
         optimizer = cfg.optimizer.build(cfg.train.steps)

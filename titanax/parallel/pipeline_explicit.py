@@ -357,6 +357,15 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], params: Any, args: Sequenc
     if stack is None:
         return None
     args = list(args)
+    if not -len(args) <= batch_argnum < len(args):
+        # The schedule splits the batch into microbatches, so it must see it as an argument;
+        # a batch the loss closes over would be run whole by every microbatch's slot.
+        raise PlanError(
+            f"under a {stack.pp.schedule} pipeline tx.value_and_grad needs the batch as an argument of "
+            f"the loss (batch_argnum={batch_argnum}), but the loss was called with {len(args)} "
+            "argument(s) after the parameters",
+            suggestion="write loss_fn(params, batch) and call tx.value_and_grad(loss_fn)(state.params, batch), "
+            "or pass batch_argnum= for the argument that is the batch")
     batch = args[batch_argnum]
     treedef = jax.tree.structure(params)
 

@@ -4,7 +4,8 @@ step's worth (a loop body counted once per trip).
 Modules, in the order they build on each other: ``hlo`` (HLO text -> computations and
 instructions), ``op_cost`` (what one instruction costs), ``trip_count`` (how often a loop runs),
 ``walk`` (one run of the program, added up), ``collectives`` and ``stats`` (the report's values),
-``compiled`` (``inspect``: reading a compiled program).
+``compiled`` (``inspect``: reading a compiled program), ``axes`` (``collectives_by_axis``: the
+collectives split by the mesh axes they span).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -14,6 +15,7 @@ Example:
   16
 """
 
+from titanax.profiling.axes import collectives_by_axis
 from titanax.profiling.collectives import (
     COLLECTIVE_KINDS,
     CollectiveStats,
@@ -28,6 +30,7 @@ __all__ = [
     "COLLECTIVE_KINDS",
     "CollectiveStats",
     "CompiledStats",
+    "collectives_by_axis",
     "count_collectives",
     "human_bytes",
     "human_count",

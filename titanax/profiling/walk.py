@@ -27,6 +27,13 @@ body and condition once (:attr:`ProgramTotals.once`), so a caller can correct XL
 exactly the work it leaves out. The program's roots are the computations nothing calls: the
 ENTRY, any computation whose caller is not recognised, and lines outside any computation.
 
+Given a ``group`` function, the walk also splits every collective's count and bytes by the key
+that function gives the instruction (:attr:`ProgramTotals.groups`; the mesh axes a collective
+spans, for :func:`titanax.profiling.axes.collectives_by_axis`). The keyed figures travel through
+the same walk as extra entries of the vectors, so per kind they add up to the totals exactly,
+loops, fusions and conditionals included (a conditional's branch is chosen by the per-kind
+entries alone).
+
 Example:
   >>> from titanax.profiling.hlo import parse_hlo
   >>> totals = program_totals(parse_hlo(
@@ -38,8 +45,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Hashable
 
-from titanax.profiling.hlo import Computation, HloModule, shape_bytes
+from titanax.profiling.hlo import Computation, HloModule, Instruction, shape_bytes
 from titanax.profiling.op_cost import (
     COLLECTIVE_KINDS,
     collective_kind,
@@ -47,8 +55,8 @@ from titanax.profiling.op_cost import (
 )
 from titanax.profiling.trip_count import trip_count
 
-__all__ = ["BYTES", "COUNTS", "FLOPS", "KIND_BYTES", "TRANSCENDENTALS", "WIDTH", "ProgramTotals",
-           "program_totals"]
+__all__ = ["BYTES", "COUNTS", "FLOPS", "KIND_BYTES", "TRANSCENDENTALS", "WIDTH", "GroupKey",
+           "ProgramTotals", "program_totals"]
 
 _NKINDS = len(COLLECTIVE_KINDS)
 #: Positions in a totals vector.
@@ -59,8 +67,9 @@ KIND_BYTES = COUNTS + _NKINDS
 WIDTH = COUNTS + 2 * _NKINDS
 _KIND_INDEX = {kind: i for i, kind in enumerate(COLLECTIVE_KINDS)}
 _COST = range(FLOPS, COUNTS)
-_COLLECTIVES = range(COUNTS, WIDTH)
-_NO_BYTES = [i for i in range(WIDTH) if i != BYTES]
+
+#: ``group(instruction, computation)``: a key to split a collective's figures by.
+GroupKey = Callable[[Instruction, Computation], Hashable]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +85,9 @@ class ProgramTotals:
       unknown_trip_loops: ``while`` instructions whose trip count is unknown (each counted as if
         it ran once, so ``per_run`` is a lower bound when this is above 0).
       conditionals: ``conditional`` instructions, each counted at its heaviest branch.
+      groups: ``(kind, key) -> (count, bytes, static_count, static_bytes)`` for the key the walk's
+        ``group`` function gave each collective (empty without one); per kind, the groups add up
+        to ``per_run`` and ``static``.
     """
 
     per_run: tuple[int, ...]
@@ -83,6 +95,8 @@ class ProgramTotals:
     static: tuple[int, ...]
     unknown_trip_loops: int = 0
     conditionals: int = 0
+    groups: dict[tuple[str, Hashable], tuple[int, int, int, int]] = dataclasses.field(
+        default_factory=dict)
 
 
 # One call edge: (kind, callee names, trip count). Kinds: "fusion", "call", "combiner", "while"
@@ -90,8 +104,11 @@ class ProgramTotals:
 _Edge = tuple[str, list[str], int | None]
 
 
-def _own_and_edges(comp: Computation, module: HloModule, costs: bool,
-                   static: list[int]) -> tuple[list[int], list[_Edge]]:
+def _own_and_edges(comp: Computation, module: HloModule, costs: bool, static: list[int],
+                   group: GroupKey | None = None, slots: dict[tuple[str, Hashable], int] | None = None,
+                   keyed: list[tuple[int, int]] | None = None) -> tuple[list[int], list[_Edge]]:
+    """The computation's own figures and its calls; with ``group``, each collective's slot (in
+    ``slots``, numbered as first seen) and bytes are appended to ``keyed``."""
     own = [0] * WIDTH
     edges: list[_Edge] = []
     for inst in comp.instructions:
@@ -104,6 +121,9 @@ def _own_and_edges(comp: Computation, module: HloModule, costs: bool,
             own[KIND_BYTES + i] += nbytes
             static[COUNTS + i] += 1
             static[KIND_BYTES + i] += nbytes
+            if group is not None:
+                slot = slots.setdefault((kind[0], group(inst, comp)), len(slots))
+                keyed.append((slot, nbytes))
         if costs:
             flops, trans, nbytes = instruction_cost(inst, comp, module)
             own[FLOPS] += flops
@@ -135,26 +155,31 @@ def _add(acc: list[int], vec: list[int], factor: int, indices: range | list[int]
                 acc[i] += factor * vec[i]
 
 
-def _heaviest(vecs: list[list[int]]) -> list[int]:
+def _heaviest(vecs: list[list[int]], width: int) -> list[int]:
     """Cost entries: the largest over the branches; collective entries: the heaviest branch's."""
-    out = [0] * WIDTH
+    out = [0] * width
     if not vecs:
         return out
     for i in _COST:
         out[i] = max(v[i] for v in vecs)
-    heaviest = max(vecs, key=lambda v: (sum(v[KIND_BYTES:]), sum(v[COUNTS:KIND_BYTES])))
-    for i in _COLLECTIVES:
+    # chosen by the per-kind entries only, so that grouped walks pick the branch ungrouped ones do
+    heaviest = max(vecs, key=lambda v: (sum(v[KIND_BYTES:WIDTH]), sum(v[COUNTS:KIND_BYTES])))
+    for i in range(COUNTS, width):
         out[i] = heaviest[i]
     return out
 
 
-def program_totals(module: HloModule, *, costs: bool = True) -> ProgramTotals:
+def program_totals(module: HloModule, *, costs: bool = True,
+                   group: GroupKey | None = None) -> ProgramTotals:
     """Adds up one run of a parsed HLO program: cost and collectives, loops per trip.
 
     Args:
       module: the parsed module (:func:`titanax.profiling.hlo.parse_hlo`).
       costs: also cost every instruction (FLOPs, transcendentals, bytes accessed); ``False``
         counts collectives only, which is quicker on large modules.
+      group: ``group(instruction, computation) -> key``, called once per collective instruction
+        (at the ``-done`` of an async pair) to split the collectives by key
+        (:attr:`ProgramTotals.groups`); None splits nothing.
 
     Returns:
       A :class:`ProgramTotals`. Linear in the size of the module: each computation is evaluated
@@ -167,7 +192,23 @@ def program_totals(module: HloModule, *, costs: bool = True) -> ProgramTotals:
     """
     static = [0] * WIDTH
     comps = {"": module.outside, **module.computations}
-    parts = {name: _own_and_edges(comp, module, costs, static) for name, comp in comps.items()}
+    slots: dict[tuple[str, Hashable], int] = {}
+    keyed: dict[str, list[tuple[int, int]]] = {name: [] for name in comps}
+    parts = {name: _own_and_edges(comp, module, costs, static, group, slots, keyed[name])
+             for name, comp in comps.items()}
+    # Each (kind, key) slot holds a count and bytes after the fixed entries.
+    width = WIDTH + 2 * len(slots)
+    if slots:
+        static.extend([0] * (width - WIDTH))
+        for name, (own, _) in parts.items():
+            own.extend([0] * (width - WIDTH))
+            for slot, nbytes in keyed[name]:
+                for vec in (own, static):
+                    vec[WIDTH + 2 * slot] += 1
+                    vec[WIDTH + 2 * slot + 1] += nbytes
+    everything = range(width)
+    indices = {"fusion": [i for i in everything if i != BYTES], "call": everything,
+               "combiner": range(COUNTS, width)}
     called = {callee for _, edges in parts.values() for _, names, _ in edges for callee in names}
     done: dict[str, tuple[list[int], list[int]]] = {}
     visiting: set[str] = set()
@@ -187,20 +228,19 @@ def program_totals(module: HloModule, *, costs: bool = True) -> ProgramTotals:
                 for vecs, runs in ((body, 1 if trips is None else trips),
                                    (cond, 1 if trips is None else trips + 1)):
                     if vecs is not None:
-                        _add(run, vecs[0], runs, range(WIDTH))
-                        _add(once, vecs[1], 1, range(WIDTH))
+                        _add(run, vecs[0], runs, everything)
+                        _add(once, vecs[1], 1, everything)
             elif kind == "conditional":
                 conditionals += 1
-                _add(run, _heaviest([g[0] for g in got]), 1, range(WIDTH))
-                _add(once, _heaviest([g[1] for g in got]), 1, range(WIDTH))
+                _add(run, _heaviest([g[0] for g in got], width), 1, everything)
+                _add(once, _heaviest([g[1] for g in got], width), 1, everything)
             else:
-                indices = {"fusion": _NO_BYTES, "call": range(WIDTH), "combiner": _COLLECTIVES}[kind]
                 for run_vec, once_vec in got:
-                    _add(run, run_vec, 1, indices)
-                    _add(once, once_vec, 1, indices)
+                    _add(run, run_vec, 1, indices[kind])
+                    _add(once, once_vec, 1, indices[kind])
         return run, once
 
-    per_run, once = [0] * WIDTH, [0] * WIDTH
+    per_run, once = [0] * width, [0] * width
     for root in parts:
         if root in called:
             continue
@@ -221,6 +261,10 @@ def program_totals(module: HloModule, *, costs: bool = True) -> ProgramTotals:
             stack.extend((callee, False) for _, names, _ in parts[name][1] for callee in names
                          if callee not in done)
         if root in done:
-            _add(per_run, done[root][0], 1, range(WIDTH))
-            _add(once, done[root][1], 1, range(WIDTH))
-    return ProgramTotals(tuple(per_run), tuple(once), tuple(static), unknown, conditionals)
+            _add(per_run, done[root][0], 1, everything)
+            _add(once, done[root][1], 1, everything)
+    groups = {key: (per_run[WIDTH + 2 * slot], per_run[WIDTH + 2 * slot + 1],
+                    static[WIDTH + 2 * slot], static[WIDTH + 2 * slot + 1])
+              for key, slot in slots.items()}
+    return ProgramTotals(tuple(per_run[:WIDTH]), tuple(once[:WIDTH]), tuple(static[:WIDTH]),
+                         unknown, conditionals, groups)

@@ -1,0 +1,30 @@
+"""Choosing a parallelism plan: compile candidate plans abstractly, rank them by a roofline
+step-time estimate (``tx.autoplan``, ``titanax plan``).
+
+``candidates`` enumerates and prunes the plans, ``search`` compiles and ranks them, ``roofline``
+holds the device constants and the estimate, ``calibration`` measures the constants of the
+machine at hand.
+"""
+
+from titanax.planner.calibration import calibrate
+from titanax.planner.candidates import Candidate, ModelFacts, Rejection, enumerate_candidates
+from titanax.planner.roofline import (
+    DEVICE_SPECS,
+    DeviceSpec,
+    StepEstimate,
+    axis_crosses_nodes,
+    device_spec,
+    estimate_step,
+    ring_bytes,
+)
+from titanax.planner.search import PlanRow, PlanSearch, autoplan, measure_step_time, model_facts
+
+__all__ = [
+    # the search
+    "autoplan", "PlanSearch", "PlanRow", "measure_step_time",
+    # candidates
+    "Candidate", "ModelFacts", "Rejection", "enumerate_candidates", "model_facts",
+    # the estimate
+    "DeviceSpec", "DEVICE_SPECS", "device_spec", "StepEstimate", "estimate_step", "axis_crosses_nodes",
+    "ring_bytes", "calibrate",
+]

@@ -1,0 +1,223 @@
+"""Measure a :class:`~titanax.planner.roofline.DeviceSpec` on the devices at hand.
+
+Every figure is measured with **all devices busy at once**, as in a training step: simulated CPU
+devices share the host's cores (and an accelerator's host shares its PCIe and NICs), so one device
+alone would overstate what each gets. Each measurement runs a loop of ``k`` identical operations
+inside one compiled program and subtracts the time of a one-trip loop, which cancels dispatch
+overhead; ``k`` is chosen so a run lasts about ``_TARGET_S``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from titanax.planner.roofline import DeviceSpec, ring_bytes
+from titanax.exceptions import ConfigError, MeshError
+
+__all__ = ["calibrate"]
+
+_AXIS = "devices"
+# Seconds one timed run should last: long enough to dwarf the timer and dispatch, short enough
+# that the whole calibration stays within seconds on 8 simulated devices.
+_TARGET_S = 0.05
+# Per-device problem sizes. The matmul edge saturates a GPU/TPU's matrix units and fits a CPU's
+# caches poorly enough to be honest; the streamed array is well beyond any cache; the small
+# all-reduce is latency, the large one bandwidth.
+_SIZES = {
+    "cpu": {"matmul": 256, "stream": 8 << 20, "reduce_small": 256, "reduce_large": 1 << 20, "sync": 256},
+    "accelerator": {"matmul": 4096, "stream": 256 << 20, "reduce_small": 256, "reduce_large": 64 << 20,
+                    "sync": 1024},
+}
+
+
+def _best_time(run: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _per_trip(run: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> float:
+    """Seconds one loop trip of ``run(trips, *args)`` takes, dispatch overhead removed."""
+    jax.block_until_ready(run(1, *args))  # compiles, and warms caches and allocators
+    one = _best_time(run, (1, *args), repeats)
+    trips = int(min(max(_TARGET_S / max(one, 1e-6), 2), 10_000))
+    many = _best_time(run, (trips, *args), repeats)
+    per = (many - one) / (trips - 1)
+    # timer noise can make the difference vanish when dispatch dominates; the plain mean is then
+    # the honest (pessimistic) figure
+    return per if per > 0 else many / trips
+
+
+def _looped(body: Callable[[Any, Any], Any], mesh: Mesh, spec: P) -> Callable[..., Any]:
+    """``run(trips, x, *consts)``: ``trips`` applications of ``body(x, consts)``, one program
+    for any trip count (the count is a traced argument, so the loop is not unrolled)."""
+    sharding = NamedSharding(mesh, spec)
+
+    def run(trips: Any, x: Any, *consts: Any) -> Any:
+        return jax.lax.fori_loop(0, trips, lambda _, y: body(y, consts), x)
+
+    return jax.jit(run, out_shardings=sharding)
+
+
+def _filled(mesh: Mesh, shape: tuple[int, ...], dtype: Any, spec: P) -> jax.Array:
+    # made on the devices, already sharded: a large host array would only add transfer time
+    return jax.jit(lambda: jnp.ones(shape, dtype), out_shardings=NamedSharding(mesh, spec))()
+
+
+def _matmul_flops(mesh: Mesh, n: int, edge: int, dtype: Any, repeats: int) -> float:
+    """Dense matmul FLOP/s per device, every device multiplying its own matrices."""
+    x = _filled(mesh, (n, edge, edge), dtype, P(_AXIS))
+    # A signed permutation keeps the values exactly +-1 trip after trip (no overflow, no
+    # denormals), yet the hardware does the full dense product: its values are runtime data.
+    rng = np.random.default_rng(0)
+    w_host = np.zeros((edge, edge), np.float32)
+    w_host[np.arange(edge), rng.permutation(edge)] = rng.choice([-1.0, 1.0], edge)
+    w = jax.device_put(jnp.asarray(w_host, dtype), NamedSharding(mesh, P()))
+    run = _looped(lambda y, c: jnp.einsum("bij,jk->bik", y, c[0]), mesh, P(_AXIS))
+    return 2 * edge**3 / _per_trip(run, (x, w), repeats)
+
+
+def _memory_bandwidth(mesh: Mesh, n: int, length: int, repeats: int) -> float:
+    """Bytes read plus written per second per device by an elementwise op on a large array."""
+    x = _filled(mesh, (n, length), jnp.float32, P(_AXIS))
+    scale = jax.device_put(jnp.float32(1.0), NamedSharding(mesh, P()))
+    # a runtime scale, so XLA cannot fold the multiply away
+    run = _looped(lambda y, c: y * c[0], mesh, P(_AXIS))
+    return 2 * 4 * length / _per_trip(run, (x, scale), repeats)
+
+
+def _all_reduce_seconds(mesh: Mesh, n: int, length: int, repeats: int) -> float:
+    """Seconds of one all-reduce of ``length`` float32 per device over all devices."""
+    x = _filled(mesh, (n * length,), jnp.float32, P(_AXIS))
+    reduce = jax.shard_map(lambda y: jax.lax.psum(y, _AXIS) * (1.0 / n), mesh=mesh,
+                           in_specs=P(_AXIS), out_specs=P(_AXIS), check_vma=False)
+    return _per_trip(_looped(lambda y, c: reduce(y), mesh, P(_AXIS)), (x,), repeats)
+
+
+def _synchronizing_seconds(mesh: Mesh, n: int, edge: int, repeats: int) -> float:
+    """Seconds one small all-reduce adds to a stream of compute: what a collective costs inside a
+    training step, where every device must reach it before any goes on. Timed in isolation a
+    collective finds the devices already in step; between two matmuls it waits for the slowest
+    (on simulated CPU devices, for the threads sharing the cores), which is the larger cost."""
+    x = _filled(mesh, (n, edge, edge), jnp.float32, P(_AXIS))
+
+    def compute(y: jax.Array) -> jax.Array:
+        return jnp.tanh(jnp.einsum("bij,bjk->bik", y, y) * (1.0 / edge))
+
+    synced = jax.shard_map(lambda y: compute(y) + 1e-30 * jax.lax.psum(y[:, :1, :1], _AXIS), mesh=mesh,
+                           in_specs=P(_AXIS), out_specs=P(_AXIS), check_vma=False)
+    alone = _looped(lambda y, c: compute(y), mesh, P(_AXIS))
+    with_collective = _looped(lambda y, c: synced(y), mesh, P(_AXIS))
+    trips = 32
+    jax.block_until_ready((alone(trips, x), with_collective(trips, x)))  # compile and warm up
+    differences = []
+    for _ in range(max(5, repeats)):  # paired runs: the difference of neighbours, its median
+        start = time.perf_counter()
+        jax.block_until_ready(alone(trips, x))
+        middle = time.perf_counter()
+        jax.block_until_ready(with_collective(trips, x))
+        differences.append(((time.perf_counter() - middle) - (middle - start)) / trips)
+    return max(0.0, statistics.median(differences))
+
+
+def _memory_bytes(device: Any) -> int:
+    stats = None
+    with contextlib.suppress(Exception):  # backends without memory stats fail in various ways
+        stats = device.memory_stats()
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:  # CPU: the host's memory, shared by its simulated devices
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 1 << 34
+    return max(1, int(total) // max(1, jax.local_device_count()))
+
+
+def calibrate(mesh: Mesh | None = None, *, repeats: int = 3) -> DeviceSpec:
+    """Measures the roofline constants of the present backend, every device busy at once.
+
+    * ``peak_flops_bf16`` / ``peak_flops_fp32``: a batched matmul sharded over the devices, one
+      ``edge x edge`` product per device per trip (``edge`` 256 on CPU, 4096 elsewhere), at JAX's
+      default precision.
+    * ``hbm_bandwidth``: an elementwise multiply of a float32 array (32 MiB per device on CPU,
+      1 GiB elsewhere), counting bytes read plus written.
+    * ``intra_node_bandwidth`` = ``inter_node_bandwidth`` and ``collective_latency``: the time
+      ``t`` of an all-reduce over all devices of 1 KiB and of a large array (4 MiB per device on
+      CPU, 256 MiB elsewhere), fitted to ``t = latency + ring_bytes("all-reduce", size, n) /
+      bandwidth``, the model :func:`~titanax.planner.estimate_step` uses. On one host both
+      bandwidths are the same figure; over several hosts the all-reduce crosses nodes, so both are
+      the inter-node one (intra-node links are then at least this fast). With one device there is
+      no collective to time: the bandwidths are the memory bandwidth and the latency 0.
+    * ``memory_bytes``: the device's allocation limit, or for CPU the host memory divided among
+      its devices; ``devices_per_node``: ``jax.local_device_count()``.
+
+    Each figure is the best of ``repeats`` timed runs, after a warm-up run. With several
+    processes every process must call it (the programs span all devices).
+
+    Args:
+      mesh: measure its devices (``mesh.devices``) instead of all of ``jax.devices()``.
+      repeats: timed runs per figure (the fastest counts).
+
+    Returns:
+      A :class:`~titanax.planner.DeviceSpec` named ``"calibrated-<platform>"``.
+
+    Raises:
+      ConfigError: ``repeats`` not a positive integer.
+      MeshError: a mesh with no devices.
+
+    Example:
+      >>> spec = calibrate(repeats=1)  # a few seconds on 8 simulated CPU devices
+      >>> spec.name, spec.devices_per_node
+      ('calibrated-cpu', 8)
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"calibrate(repeats={repeats!r}) must be a positive integer",
+                          suggestion="use repeats=3 (the default), or 1 for a quick figure",
+                          owner="calibrate", field="repeats", value=repeats)
+    devices = list(jax.devices()) if mesh is None else list(np.asarray(mesh.devices).flat)
+    if not devices:
+        raise MeshError("calibrate got a mesh without devices", suggestion="pass a built jax.sharding.Mesh, "
+                        "or no mesh to use every device", owner="calibrate", field="mesh")
+    n = len(devices)
+    grid = np.empty(n, dtype=object)
+    grid[:] = devices
+    flat = Mesh(grid, (_AXIS,), axis_types=(AxisType.Auto,))
+    platform = devices[0].platform
+    sizes = _SIZES["cpu" if platform == "cpu" else "accelerator"]
+    fp32 = _matmul_flops(flat, n, sizes["matmul"], jnp.float32, repeats)
+    bf16 = _matmul_flops(flat, n, sizes["matmul"], jnp.bfloat16, repeats)
+    # twice: the first pass pays the page faults of fresh buffers, which a training step's
+    # reused buffers do not
+    hbm = max(_memory_bandwidth(flat, n, sizes["stream"], repeats) for _ in range(2))
+    if n > 1:
+        small, large = sizes["reduce_small"], sizes["reduce_large"]
+        t_small = _all_reduce_seconds(flat, n, small, repeats)
+        t_large = _all_reduce_seconds(flat, n, large, repeats)
+        moved_small, moved_large = (ring_bytes("all-reduce", 4 * s, n) for s in (small, large))
+        bandwidth = ((moved_large - moved_small) / (t_large - t_small) if t_large > t_small
+                     else moved_large / t_large)
+        # a negative intercept is noise: the small all-reduce's whole time is then the latency
+        latency = t_small - moved_small / bandwidth
+        latency = latency if latency > 0 else t_small
+        latency = max(latency, _synchronizing_seconds(flat, n, sizes["sync"], repeats))
+    else:
+        bandwidth, latency = hbm, 0.0
+    return DeviceSpec(name=f"calibrated-{platform}", peak_flops_bf16=bf16, peak_flops_fp32=fp32,
+                      memory_bytes=_memory_bytes(devices[0]), hbm_bandwidth=hbm,
+                      intra_node_bandwidth=bandwidth, inter_node_bandwidth=bandwidth,
+                      devices_per_node=jax.local_device_count(), collective_latency=latency)

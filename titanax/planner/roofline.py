@@ -1,0 +1,483 @@
+"""A roofline step-time estimate: what one training step costs on a device, from the compiled
+program's FLOPs, bytes and collectives, and the device's datasheet (or calibrated) constants.
+
+The model, per device and per step::
+
+    compute_s    = max(flops / peak_flops, bytes_accessed / hbm_bandwidth)
+    collective_s = sum over (axes, kind): count * collective_latency + moved_bytes / bandwidth
+    total_s      = compute_s + collective_s          (or max(...) with overlap=True)
+
+``moved_bytes`` is what a ring algorithm sends from each device (:func:`ring_bytes`), and the
+bandwidth is the inter-node one when the collective's group spans nodes
+(:func:`axis_crosses_nodes`), the intra-node one otherwise.
+
+Example:
+  >>> from titanax.profiling import CollectiveStats
+  >>> est = estimate_step(flops=1e12, bytes_accessed=1e9,
+  ...                     collectives_by_axis={("data",): {"all-reduce": CollectiveStats(count=1, bytes=2**30)}},
+  ...                     mesh={"data": 8}, spec=DEVICE_SPECS["h100"])
+  >>> est.bound, round(est.total_s * 1e3, 2)
+  ('communication', 5.2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, TypeAlias
+
+import numpy as np
+from jax.sharding import AbstractMesh, Mesh
+
+from titanax.exceptions import ConfigError, MeshError
+from titanax.profiling.devices import DEVICE_PRESETS
+
+__all__ = ["DEVICE_SPECS", "DeviceSpec", "StepEstimate", "axis_crosses_nodes", "device_spec",
+           "estimate_step", "ring_bytes"]
+
+MeshLike: TypeAlias = Mesh | AbstractMesh | Mapping[str, int]
+"""A ``jax.sharding.Mesh`` or ``AbstractMesh`` (read through its ``.shape``, axis name -> size),
+or such a mapping itself: ``{"data": 4, "tensor": 8}``."""
+
+
+class CollectiveCost(Protocol):
+    """What :func:`estimate_step` reads of one kind of collective (e.g.
+    :class:`titanax.profiling.CollectiveStats`)."""
+
+    count: int
+    bytes: int
+
+
+def _positive(owner: str, field: str, value: Any, *, zero: bool = False, integer: bool = False,
+              example: str = "") -> None:
+    """Raises ConfigError unless ``value`` is a finite number > 0 (>= 0 with ``zero``)."""
+    ok_type = (isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number)))
+    ok = ok_type and not isinstance(value, bool) and math.isfinite(value) and (value >= 0 if zero else value > 0)
+    if not ok:
+        what = ("a non-negative" if zero else "a positive") + (" integer" if integer else " finite number")
+        raise ConfigError(f"{owner}({field}={value!r}) must be {what}",
+                          suggestion=f"set {field} to {what}{', e.g. ' + example if example else ''}",
+                          owner=owner, field=field, value=value)
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class DeviceSpec:
+    """The constants of one accelerator that the roofline needs, all per device.
+
+    Example:
+      >>> spec = DEVICE_SPECS["h100"]
+      >>> spec.flops_for("bfloat16") / 1e12, spec.intra_node_bandwidth / 1e9
+      (989.0, 450.0)
+      >>> DeviceSpec(name="x", peak_flops_bf16=1e12, peak_flops_fp32=1e12, memory_bytes=2**30,
+      ...            hbm_bandwidth=1e11, intra_node_bandwidth=-1.0, inter_node_bandwidth=1e9,
+      ...            devices_per_node=8, collective_latency=1e-5)
+      Traceback (most recent call last):
+      ...
+      titanax.exceptions.ConfigError: DeviceSpec(intra_node_bandwidth=-1.0) must be a positive finite number
+        Suggestion: set intra_node_bandwidth to a positive finite number, e.g. 450e9 (bytes/s)
+    """
+
+    name: str
+    """What the spec describes: a preset's key (``"h100"``) or ``"calibrated-<platform>"``."""
+
+    peak_flops_bf16: float
+    """Dense (no structured sparsity) matmul FLOP/s with bfloat16 (or float16) inputs."""
+
+    peak_flops_fp32: float
+    """Dense matmul FLOP/s with float32 inputs at JAX's default precision, which on GPUs since
+    Ampere runs on TF32 tensor cores and on TPUs as one bfloat16 pass (``jax_default_matmul_precision``
+    changes that; ``"highest"`` is several times slower)."""
+
+    memory_bytes: int
+    """Device memory capacity in bytes (as :data:`titanax.profiling.devices.DEVICE_PRESETS`)."""
+
+    hbm_bandwidth: float
+    """Device memory bandwidth in bytes/s (reads plus writes)."""
+
+    intra_node_bandwidth: float
+    """Bytes/s one device can send to the others of its node at once, one direction (NVLink
+    through NVSwitch, TPU ICI): half of a datasheet's bidirectional figure."""
+
+    inter_node_bandwidth: float
+    """Bytes/s one device can send to other nodes, one direction: its share of the node's
+    network (one 400 Gb/s NIC per GPU is 50e9), TPU data-center network per chip."""
+
+    devices_per_node: int
+    """Devices joined by the intra-node fabric: GPUs per server, chips per TPU slice (ICI spans a
+    whole slice, many hosts)."""
+
+    collective_latency: float
+    """Fixed seconds each collective costs whatever its size (launch, synchronisation, hops)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"DeviceSpec(name={self.name!r}) must be a non-empty string",
+                              suggestion="name the device, e.g. name='h100'",
+                              owner="DeviceSpec", field="name", value=self.name)
+        _positive("DeviceSpec", "peak_flops_bf16", self.peak_flops_bf16, example="989e12 (FLOP/s)")
+        _positive("DeviceSpec", "peak_flops_fp32", self.peak_flops_fp32, example="494e12 (FLOP/s)")
+        _positive("DeviceSpec", "memory_bytes", self.memory_bytes, integer=True, example="80 * 2**30")
+        for field in ("hbm_bandwidth", "intra_node_bandwidth", "inter_node_bandwidth"):
+            _positive("DeviceSpec", field, getattr(self, field), example="450e9 (bytes/s)")
+        _positive("DeviceSpec", "devices_per_node", self.devices_per_node, integer=True, example="8")
+        _positive("DeviceSpec", "collective_latency", self.collective_latency, zero=True,
+                  example="10e-6 (seconds)")
+
+    def flops_for(self, compute_dtype: str = "bfloat16") -> float:
+        """Dense matmul FLOP/s for inputs of ``compute_dtype``.
+
+        Args:
+          compute_dtype: ``"bfloat16"``, ``"float16"`` (the same tensor-core rate) or ``"float32"``.
+
+        Returns:
+          FLOP/s per device.
+
+        Raises:
+          ConfigError: another dtype.
+
+        Example:
+          >>> DEVICE_SPECS["a100"].flops_for("float32") / 1e12
+          156.0
+        """
+        if compute_dtype in ("bfloat16", "float16"):
+            return self.peak_flops_bf16
+        if compute_dtype == "float32":
+            return self.peak_flops_fp32
+        raise ConfigError(f"compute_dtype={compute_dtype!r} has no peak FLOP/s in a DeviceSpec",
+                          suggestion="use 'bfloat16', 'float16' or 'float32'",
+                          owner="estimate_step", field="compute_dtype", value=compute_dtype)
+
+
+def _preset(name: str, **figures: Any) -> DeviceSpec:
+    return DeviceSpec(name=name, memory_bytes=DEVICE_PRESETS[name], **figures)
+
+
+# Sources (vendor datasheets unless noted; "dense" = without 2:4 structured sparsity, i.e. half the
+# headline "with sparsity" figure). (?) marks figures that are derived or estimated, not printed.
+#
+# device   bf16 TF   fp32* TF  HBM TB/s  intra GB/s          inter GB/s           per node
+# h100     989       494.7     3.35      450 (NVLink4 900    50 (400 Gb/s NDR     8 (HGX/DGX H100)
+#                                         bidirectional)      IB per GPU)
+# h200     989       494.7     4.8       450 (NVLink4)       50 (400 Gb/s NDR)    8
+# a100     312       156       2.039     300 (NVLink3 600    25 (200 Gb/s HDR)    8
+#                                         bidirectional)
+# b200     2250 (?)  1125 (?)  8.0       900 (NVLink5 1.8    50 (400 Gb/s CX-7)   8
+#                                         TB/s bidirect.)
+# tpu-v5p  459       459 (?)   2.765     600 (ICI 4800 Gb/s  6.25 (DCN 50 Gb/s    6144 (largest
+#                                         per direction)      per chip)            single slice)
+# tpu-v5e  197       197 (?)   0.819     200 (ICI 1600 Gb/s  3.125 (?) (DCN 6.4   256 (pod)
+#                                         per direction)      Tb/s per 256 chips)
+#
+# * fp32 = float32 inputs at JAX's default matmul precision: TF32 tensor cores on NVIDIA (datasheet
+#   "TF32 Tensor Core" / 2), one bf16 MXU pass on TPU (so the bf16 figure; (?) as it depends on
+#   jax_default_matmul_precision).
+# - H100 SXM5 / H200 SXM: NVIDIA H100 and H200 datasheets (BF16 1,979 TF with sparsity; TF32 989 TF
+#   with sparsity; 3.35 / 4.8 TB/s; NVLink 900 GB/s). 400 Gb/s per GPU: DGX H100 has 8 ConnectX-7
+#   NDR ports for 8 GPUs.
+# - A100 80GB SXM: A100 datasheet (BF16 312 TF dense, TF32 156 TF dense, HBM2e 2,039 GB/s, NVLink
+#   600 GB/s); 200 Gb/s HDR per GPU as in DGX A100 (8 ConnectX-6 for 8 GPUs).
+# - B200 (?): HGX B200 datasheet, 8 GPUs: FP16/BF16 36 PF and TF32 18 PF with sparsity -> per GPU
+#   2.25 PF and 1.125 PF dense; 8 TB/s HBM3e; NVLink5 1.8 TB/s. Air-cooled B200 at 1000 W; the
+#   GB200 part is rated higher (2.5 PF dense bf16), some B200 systems lower. 400 Gb/s per GPU:
+#   DGX B200's 8 ConnectX-7 (a ConnectX-8 system has 800 Gb/s).
+# - TPU v5p / v5e: Google Cloud TPU "v5p" and "v5e" pages (459 / 197 TF bf16; 2,765 / 819 GB/s;
+#   ICI 4,800 / 1,600 Gbps per chip, which those pages also give as 1,200 / 400 GBps
+#   bidirectional; v5p DCN 50 Gbps per chip; v5e DCN 6.4 Tbps per 256-chip pod). The ICI figure is
+#   the chip's total over all its torus links (6 on v5p, 4 on v5e); a ring along one torus
+#   dimension uses only 2 of them, so for single-axis collectives it is optimistic (?).
+# - collective_latency (?): an estimate, not a datasheet figure: ~10 us per NCCL collective
+#   (launch plus a few NVLink/IB hops), ~5 us per ICI collective.
+DEVICE_SPECS: dict[str, DeviceSpec] = {
+    "h100": _preset("h100", peak_flops_bf16=989e12, peak_flops_fp32=494.7e12, hbm_bandwidth=3.35e12,
+                    intra_node_bandwidth=450e9, inter_node_bandwidth=50e9, devices_per_node=8,
+                    collective_latency=10e-6),
+    "h200": _preset("h200", peak_flops_bf16=989e12, peak_flops_fp32=494.7e12, hbm_bandwidth=4.8e12,
+                    intra_node_bandwidth=450e9, inter_node_bandwidth=50e9, devices_per_node=8,
+                    collective_latency=10e-6),
+    "a100": _preset("a100", peak_flops_bf16=312e12, peak_flops_fp32=156e12, hbm_bandwidth=2.039e12,
+                    intra_node_bandwidth=300e9, inter_node_bandwidth=25e9, devices_per_node=8,
+                    collective_latency=10e-6),
+    "b200": _preset("b200", peak_flops_bf16=2250e12, peak_flops_fp32=1125e12, hbm_bandwidth=8e12,
+                    intra_node_bandwidth=900e9, inter_node_bandwidth=50e9, devices_per_node=8,
+                    collective_latency=10e-6),
+    "tpu-v5p": _preset("tpu-v5p", peak_flops_bf16=459e12, peak_flops_fp32=459e12,
+                       hbm_bandwidth=2.765e12, intra_node_bandwidth=600e9, inter_node_bandwidth=6.25e9,
+                       devices_per_node=6144, collective_latency=5e-6),
+    "tpu-v5e": _preset("tpu-v5e", peak_flops_bf16=197e12, peak_flops_fp32=197e12,
+                       hbm_bandwidth=819e9, intra_node_bandwidth=200e9, inter_node_bandwidth=3.125e9,
+                       devices_per_node=256, collective_latency=5e-6),
+}
+"""Datasheet constants of common accelerators, by the names :data:`DEVICE_PRESETS` uses (the
+table of sources is beside the definition). There is no ``cpu`` preset: measure it with
+:func:`titanax.planner.calibrate`."""
+
+
+def device_spec(name: str) -> DeviceSpec:
+    """The preset named ``name`` (case and surrounding spaces ignored).
+
+    Args:
+      name: a key of :data:`DEVICE_SPECS`.
+
+    Returns:
+      The :class:`DeviceSpec`.
+
+    Raises:
+      ConfigError: an unknown name.
+
+    Example:
+      >>> device_spec("H200").hbm_bandwidth / 1e12
+      4.8
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in DEVICE_SPECS:
+        raise ConfigError(f"no device spec named {name!r}",
+                          suggestion=f"use one of {', '.join(DEVICE_SPECS)}, or measure this machine "
+                          "with tx.planner.calibrate()", owner="device_spec", field="name", value=name)
+    return DEVICE_SPECS[key]
+
+
+def _axis_sizes(mesh: MeshLike) -> dict[str, int]:
+    sizes = mesh if isinstance(mesh, Mapping) else getattr(mesh, "shape", None)
+    if not isinstance(sizes, Mapping):
+        raise MeshError(f"{type(mesh).__name__} is not a mesh",
+                        suggestion="pass a jax.sharding.Mesh, an AbstractMesh or a dict of axis sizes "
+                        "such as {'data': 4, 'tensor': 8}", owner="mesh", field="mesh")
+    for axis, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise MeshError(f"mesh axis {axis!r} has size {size!r}", suggestion="give each axis a positive "
+                            "integer size", owner="mesh", field="shape", value=dict(sizes))
+    return {str(axis): int(size) for axis, size in sizes.items()}
+
+
+def _check_axes(sizes: Mapping[str, int], axes: str | Sequence[str]) -> tuple[str, ...]:
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in axes if a not in sizes]
+    if unknown:
+        shape = ", ".join(f"{a}={s}" for a, s in sizes.items())
+        raise MeshError(f"the mesh ({shape}) has no axis {unknown[0]!r} (collective over {axes!r})",
+                        suggestion=f"use the mesh's axis names: {tuple(sizes)}",
+                        owner="mesh", field="axes", value=axes)
+    if len(set(axes)) != len(axes):
+        raise MeshError(f"the axes {axes!r} of one collective name an axis twice",
+                        suggestion="name each axis once, e.g. ('data', 'tensor')",
+                        owner="mesh", field="axes", value=axes)
+    return axes
+
+
+def axis_crosses_nodes(mesh: MeshLike, axes: str | Sequence[str], devices_per_node: int) -> bool:
+    """Whether a collective over the mesh axes ``axes`` joins devices of different nodes.
+
+    A device's node is its position in the mesh's device order (``mesh.devices.flat``, row-major
+    over the axis sizes for a mapping) divided by ``devices_per_node``: the order of a real
+    cluster's ``jax.devices()`` is host-major, so a mesh reshaped from it keeps each host's devices
+    together. A collective over ``axes`` runs in groups of the devices that differ only in those
+    axes; it crosses nodes when any group holds devices of two nodes.
+
+    Args:
+      mesh: a ``jax.sharding.Mesh`` / ``AbstractMesh``, or a mapping axis name -> size.
+      axes: the axis names of the collective (a tuple; a single name is accepted).
+      devices_per_node: devices per node (:attr:`DeviceSpec.devices_per_node`).
+
+    Returns:
+      True when some group of the collective spans two nodes.
+
+    Raises:
+      MeshError: an axis the mesh lacks, or a mesh that is not one.
+      ConfigError: ``devices_per_node`` not a positive integer.
+
+    Example:
+      >>> mesh = {"data": 4, "tensor": 8}
+      >>> [axis_crosses_nodes(mesh, axes, 8) for axes in [("tensor",), ("data",), ("data", "tensor")]]
+      [False, True, True]
+    """
+    _positive("axis_crosses_nodes", "devices_per_node", devices_per_node, integer=True, example="8")
+    sizes = _axis_sizes(mesh)
+    axes = _check_axes(sizes, axes)
+    total = math.prod(sizes.values())
+    if total <= devices_per_node or not axes:
+        return False
+    nodes = np.arange(total).reshape(tuple(sizes.values())) // devices_per_node
+    positions = [list(sizes).index(a) for a in axes]
+    rest = [i for i in range(len(sizes)) if i not in positions]
+    groups = nodes.transpose(rest + positions).reshape(-1, math.prod(sizes[a] for a in axes))
+    return bool(np.any(groups.min(axis=1) != groups.max(axis=1)))
+
+
+# Bytes each device sends, as a multiple of the collective's per-device *result* size (what
+# CollectiveStats.bytes counts), for ring algorithms over n devices. A reduce-scatter's result is
+# 1/n of its operand, so its (n-1)/n x operand is (n-1) x result.
+_RING_FACTOR = {
+    "all-reduce": lambda n: 2 * (n - 1) / n,  # reduce-scatter then all-gather
+    "all-gather": lambda n: (n - 1) / n,
+    "reduce-scatter": lambda n: n - 1,
+    "all-to-all": lambda n: (n - 1) / n,
+    "ragged-all-to-all": lambda n: (n - 1) / n,  # result buffer as the upper bound of what is sent
+    "collective-permute": lambda n: 1.0,
+    "collective-broadcast": lambda n: 1.0,  # pipelined: each device receives and forwards once
+}
+
+
+def ring_bytes(kind: str, result_bytes: float, n: int) -> float:
+    """Bytes one device sends for a collective of ``kind`` over ``n`` devices (ring algorithm).
+
+    Args:
+      kind: an HLO collective opcode (:data:`titanax.profiling.COLLECTIVE_KINDS`).
+      result_bytes: the collective's result size on one device (what
+        :class:`~titanax.profiling.CollectiveStats` counts): the reduced array for all-reduce, the
+        gathered array for all-gather, the scattered shard for reduce-scatter.
+      n: devices in each group; a group of one moves nothing.
+
+    Returns:
+      all-reduce ``2(n-1)/n`` x size, all-gather and all-to-all ``(n-1)/n`` x result,
+      reduce-scatter ``(n-1)/n`` x operand (= ``(n-1)`` x result), permute and broadcast 1 x.
+
+    Raises:
+      ConfigError: an unknown kind.
+
+    Example:
+      >>> ring_bytes("all-reduce", 1000, 4), ring_bytes("reduce-scatter", 250, 4)
+      (1500.0, 750.0)
+    """
+    if kind not in _RING_FACTOR:
+        raise ConfigError(f"unknown collective kind {kind!r}", suggestion=f"use one of {', '.join(_RING_FACTOR)}",
+                          owner="estimate_step", field="collectives_by_axis", value=kind)
+    return 0.0 if n <= 1 else float(_RING_FACTOR[kind](n) * result_bytes)
+
+
+def _fmt_s(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return "0 s" if seconds == 0 else f"{seconds / 1e-9:.3g} ns"
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class StepEstimate:
+    """The roofline time of one step on one device, and what bounds it.
+
+    Example:
+      >>> est = StepEstimate(flops_s=0.010, memory_s=0.002,
+      ...                    collective_s_by_axis={("data",): 0.004, ("tensor",): 0.001})
+      >>> round(est.total_s, 6), est.bound
+      (0.015, 'compute')
+      >>> print(est.describe())
+      15 ms/step, compute-bound (no overlap: compute + collectives)
+        compute 10 ms = max(FLOPs 10 ms, memory 2 ms)
+        collectives 5 ms: data 4 ms, tensor 1 ms
+    """
+
+    flops_s: float
+    """FLOPs over the device's peak FLOP/s at the compute dtype: the time if compute-bound."""
+
+    memory_s: float
+    """Bytes accessed over the HBM bandwidth: the time if memory-bound."""
+
+    collective_s_by_axis: dict[tuple[str, ...], float]
+    """Collective seconds by the mesh axes they run over."""
+
+    overlap: bool = False
+    """Whether collectives are assumed hidden behind compute (``total_s`` the max of the two)
+    rather than serial with it (the sum: the default, because XLA overlaps only what its
+    scheduler can, and a sum ranks plans by all the work they do)."""
+
+    @property
+    def compute_s(self) -> float:
+        """``max(flops_s, memory_s)``: compute and memory traffic are assumed to overlap."""
+        return max(self.flops_s, self.memory_s)
+
+    @property
+    def collective_s(self) -> float:
+        """All collectives' seconds."""
+        return sum(self.collective_s_by_axis.values())
+
+    @property
+    def total_s(self) -> float:
+        """The step time: ``compute_s + collective_s``, or their max with ``overlap``."""
+        combine = max if self.overlap else (lambda a, b: a + b)
+        return combine(self.compute_s, self.collective_s)
+
+    @property
+    def bound(self) -> str:
+        """``"compute"``, ``"memory"`` or ``"communication"``: the largest of ``flops_s``,
+        ``memory_s`` and ``collective_s`` (the first of those on a tie)."""
+        parts = {"compute": self.flops_s, "memory": self.memory_s, "communication": self.collective_s}
+        return max(parts, key=parts.__getitem__)
+
+    def describe(self) -> str:
+        """Three lines for people: the step time and its bound, compute, collectives by axis.
+
+        Returns:
+          The text (see the class example).
+        """
+        how = "overlap: max of compute, collectives" if self.overlap else "no overlap: compute + collectives"
+        by_axis = ", ".join(f"{' x '.join(axes) or '(no axis)'} {_fmt_s(s)}"
+                            for axes, s in sorted(self.collective_s_by_axis.items(), key=lambda kv: -kv[1]))
+        return (f"{_fmt_s(self.total_s)}/step, {self.bound}-bound ({how})\n"
+                f"  compute {_fmt_s(self.compute_s)} = max(FLOPs {_fmt_s(self.flops_s)}, "
+                f"memory {_fmt_s(self.memory_s)})\n"
+                f"  collectives {_fmt_s(self.collective_s)}{': ' + by_axis if by_axis else ''}")
+
+
+def estimate_step(*, flops: float, bytes_accessed: float,
+                  collectives_by_axis: Mapping[tuple[str, ...], Mapping[str, CollectiveCost]],
+                  mesh: MeshLike, spec: DeviceSpec, compute_dtype: str = "bfloat16",
+                  overlap: bool = False) -> StepEstimate:
+    """The roofline time of one step of a compiled SPMD program on one device.
+
+    Each group of collectives costs ``count * spec.collective_latency + moved / bandwidth``, with
+    ``moved`` from :func:`ring_bytes` over ``n`` = the product of the axes' sizes, and the
+    bandwidth ``spec.inter_node_bandwidth`` if the axes cross nodes
+    (:func:`axis_crosses_nodes` with ``spec.devices_per_node``), else ``intra_node_bandwidth``.
+    A collective over axes of total size 1 costs nothing (XLA removes it).
+
+    Args:
+      flops: FLOPs one device executes per step (the compiled program's, counted per run).
+      bytes_accessed: bytes one device reads and writes in memory per step.
+      collectives_by_axis: mesh axes -> collective kind -> an object with ``.count`` and
+        ``.bytes`` per device per step (:class:`titanax.profiling.CollectiveStats`: ``bytes`` the
+        result sizes), e.g. ``{("data",): {"all-reduce": CollectiveStats(count=2, bytes=...)}}``.
+      mesh: the mesh the program runs on (``Mesh``, ``AbstractMesh`` or axis sizes).
+      spec: the device's constants (:data:`DEVICE_SPECS` or :func:`~titanax.planner.calibrate`).
+      compute_dtype: the matmul input dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+      overlap: assume collectives hide behind compute (total = max) instead of adding up.
+
+    Returns:
+      A :class:`StepEstimate`.
+
+    Raises:
+      ConfigError: a negative or non-finite figure, an unknown kind or dtype.
+      MeshError: an axis the mesh lacks.
+
+    Example:
+      >>> from titanax.profiling import CollectiveStats
+      >>> est = estimate_step(flops=2e12, bytes_accessed=0,
+      ...                     collectives_by_axis={("tensor",): {"all-gather": CollectiveStats(count=4, bytes=8e9)}},
+      ...                     mesh={"data": 2, "tensor": 8}, spec=DEVICE_SPECS["h100"])
+      >>> round(est.flops_s * 1e3, 3), round(est.collective_s * 1e3, 3), est.bound
+      (2.022, 15.596, 'communication')
+    """
+    _positive("estimate_step", "flops", flops, zero=True)
+    _positive("estimate_step", "bytes_accessed", bytes_accessed, zero=True)
+    if not isinstance(spec, DeviceSpec):
+        raise ConfigError(f"spec={spec!r} is not a DeviceSpec",
+                          suggestion="pass DEVICE_SPECS['h100'] or tx.planner.calibrate()",
+                          owner="estimate_step", field="spec", value=spec)
+    peak = spec.flops_for(compute_dtype)
+    sizes = _axis_sizes(mesh)
+    by_axis: dict[tuple[str, ...], float] = {}
+    for axes, kinds in collectives_by_axis.items():
+        axes = _check_axes(sizes, axes)
+        n = math.prod(sizes[a] for a in axes)
+        bandwidth = (spec.inter_node_bandwidth if axis_crosses_nodes(sizes, axes, spec.devices_per_node)
+                     else spec.intra_node_bandwidth)
+        seconds = 0.0
+        for kind, stats in kinds.items():
+            _positive("estimate_step", f"collectives_by_axis[{axes!r}][{kind!r}].count", stats.count, zero=True)
+            _positive("estimate_step", f"collectives_by_axis[{axes!r}][{kind!r}].bytes", stats.bytes, zero=True)
+            moved = ring_bytes(kind, stats.bytes, n)
+            if n > 1:
+                seconds += stats.count * spec.collective_latency + moved / bandwidth
+        by_axis[axes] = by_axis.get(axes, 0.0) + seconds
+    return StepEstimate(flops_s=flops / peak, memory_s=bytes_accessed / spec.hbm_bandwidth,
+                        collective_s_by_axis=by_axis, overlap=overlap)
