@@ -181,8 +181,8 @@ def calibrate(mesh: Mesh | None = None, *, repeats: int = 3) -> DeviceSpec:
       MeshError: a mesh with no devices.
 
     Example:
-      >>> spec = calibrate(repeats=1)  # a few seconds on 8 simulated CPU devices
-      >>> spec.name, spec.devices_per_node
+      >>> spec = calibrate(repeats=1)  # a few seconds on 8 simulated CPU devices    # doctest: +SKIP
+      >>> spec.name, spec.devices_per_node                                          # doctest: +SKIP
       ('calibrated-cpu', 8)
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
