@@ -188,13 +188,13 @@ def _preset(name: str, **figures: Any) -> DeviceSpec:
 #   dimension uses only 2 of them, so for single-axis collectives it is optimistic (?).
 # - collective_latency (?): an estimate, not a datasheet figure: ~10 us per NCCL collective
 #   (launch plus a few NVLink/IB hops), ~5 us per ICI collective.
+_H100 = _preset("h100", peak_flops_bf16=989e12, peak_flops_fp32=494.7e12, hbm_bandwidth=3.35e12,
+                intra_node_bandwidth=450e9, inter_node_bandwidth=50e9, devices_per_node=8,
+                collective_latency=10e-6)
 DEVICE_SPECS: dict[str, DeviceSpec] = {
-    "h100": _preset("h100", peak_flops_bf16=989e12, peak_flops_fp32=494.7e12, hbm_bandwidth=3.35e12,
-                    intra_node_bandwidth=450e9, inter_node_bandwidth=50e9, devices_per_node=8,
-                    collective_latency=10e-6),
-    "h200": _preset("h200", peak_flops_bf16=989e12, peak_flops_fp32=494.7e12, hbm_bandwidth=4.8e12,
-                    intra_node_bandwidth=450e9, inter_node_bandwidth=50e9, devices_per_node=8,
-                    collective_latency=10e-6),
+    "h100": _H100,
+    # an H100 with more, faster HBM (HBM3e): the same compute, NVLink and network
+    "h200": dataclasses.replace(_H100, name="h200", memory_bytes=DEVICE_PRESETS["h200"], hbm_bandwidth=4.8e12),
     "a100": _preset("a100", peak_flops_bf16=312e12, peak_flops_fp32=156e12, hbm_bandwidth=2.039e12,
                     intra_node_bandwidth=300e9, inter_node_bandwidth=25e9, devices_per_node=8,
                     collective_latency=10e-6),
