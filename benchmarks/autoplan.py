@@ -5,7 +5,7 @@ candidate plan, runs each that fits for a few steps, and compares the estimated 
 measured one (Spearman's rank correlation), and the chosen plan's measured step time with the
 fastest measured.
 
-    python benchmarks/autoplan.py [--steps 5] [--schedules 1f1b] [--json out.json]
+    python benchmarks/autoplan.py [--steps 6] [--rounds 4] [--schedules 1f1b] [--json out.json]
 
 The 8 simulated devices share this machine's cores: a plan that splits the work more evenly or
 launches fewer kernels runs faster here, which is what the calibrated constants capture; on
@@ -63,7 +63,8 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per plan per round")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds taking the plans in turn")
     parser.add_argument("--schedules", nargs="*", default=["1f1b"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -71,7 +72,8 @@ def main() -> None:
     spec = tx.planner.calibrate()
     print(f"calibrated in {time.perf_counter() - started:.1f} s: {spec}")
     search = tx.autoplan(CONFIG, devices=8, device=spec, time_budget=3600, schedules=args.schedules,
-                         microbatch_multiples=(2,), measure_steps=args.steps, progress=True)
+                         microbatch_multiples=(2,), measure_steps=args.steps, measure_rounds=args.rounds,
+                         progress=True)
     print(search.table())
     rows = [r for r in search.rows if r.measured_seconds is not None and r.estimate is not None]
     estimated = [r.estimate.total_s for r in rows]

@@ -32,6 +32,7 @@ from titanax.exec import (
     Engine,
     LossScale,
     Precision,
+    RecompileWarning,
     StepFunction,
     TrainState,
     collectives,
@@ -66,7 +67,7 @@ __all__ = [
     "tree_layout", "tree_shardings", "constrain", "sharding_context",
     # training
     "Engine", "TrainState", "create_train_state", "step_fn", "StepFunction", "value_and_grad",
-    "Precision", "LossScale", "collectives",
+    "Precision", "LossScale", "collectives", "RecompileWarning",
     # choosing the plan
     "autoplan",
     # errors

@@ -1,7 +1,9 @@
-"""The ``titanax`` command: ``run``, ``describe``, ``plan`` and ``launch`` a training run from a YAML file.
+"""The ``titanax`` command: ``run``, ``describe``, ``plan`` and ``launch`` a training run from a YAML file,
+and ``plot`` its metrics.
 
     titanax run examples/configs/mnist_dp.yaml --cpu-devices 8
-    titanax describe examples/configs/gpt_small_dp2_tp4.yaml
+    titanax describe examples/configs/gpt_small_dp2_tp4.yaml --html report.html
+    titanax plot runs/mnist/metrics.csv --out runs/mnist/plots
     titanax plan examples/configs/gpt_70b_fsdp32_tp8.yaml --devices 256 --device h100
     titanax launch --nprocs 2 --cpu-devices-per-proc 4 -- titanax run examples/configs/mnist_dp.yaml
 
@@ -11,6 +13,7 @@ change — and exits with status 2, without a Python traceback (``--debug`` show
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -114,6 +117,16 @@ def _start(config: str, overrides: list[str] | None, cpu_devices: int | None, *,
 
 @app.command()
 def run(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices = None,
+        profile_steps: Annotated[Optional[str], typer.Option(
+            "--profile-steps", metavar="FIRST:STOP",
+            help="Trace these steps with the JAX profiler, e.g. 5:8 for steps 5, 6 and 7 "
+            "(logging.profile_steps; TensorBoard's profile plugin or ui.perfetto.dev reads it).")] = None,
+        profile_dir: Annotated[Optional[str], typer.Option(
+            "--profile-dir", metavar="DIR", help="Where the trace goes (logging.profile_dir, default profile).")] = None,
+        compile_cache: Annotated[Optional[str], typer.Option(
+            "--compile-cache", metavar="DIR",
+            help="Keep compiled programs in DIR (JAX's persistent cache; train.compile_cache): a restarted "
+            "run skips the compile.")] = None,
         debug: Debug = False) -> None:
     """Train the run a configuration describes.
 
@@ -123,6 +136,11 @@ def run(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices
     from titanax.exceptions import TitanaxError
 
     cfg = None
+    flags = {"logging.profile_steps": profile_steps, "logging.profile_dir": profile_dir,
+             "train.compile_cache": compile_cache}
+    # quoted: YAML would read an unquoted 5:8 as the base-60 number 308
+    overrides = list(overrides or []) + [f"{key}={json.dumps(value)}" for key, value in flags.items()
+                                         if value is not None]
     try:
         cfg = _start(config, overrides, cpu_devices)
         from titanax.config import train
@@ -187,6 +205,10 @@ def describe(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDe
              device_memory: Annotated[Optional[str], typer.Option(
                  "--device-memory", metavar="SIZE",
                  help="Judge the plan against this much memory per device, e.g. 80GiB or 96GB.")] = None,
+             html: Annotated[Optional[str], typer.Option(
+                 "--html", metavar="PATH",
+                 help="Also write the report as one self-contained HTML page: layout table, memory bars, "
+                 "the pipeline schedule as a Gantt chart, collectives by kind and mesh axis.")] = None,
              debug: Debug = False) -> None:
     """Dry run: lay out and compile the training step without allocating or training anything.
 
@@ -194,7 +216,8 @@ def describe(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDe
     --cpu-devices), compiles one training step ahead of time from abstract state and prints the
     layout of every parameter, memory per device (parameters, optimizer state, activations and
     temporaries, the peak; with --device or --device-memory a verdict), collectives per step and
-    the pipeline bubble. Nothing is allocated, trained, loaded or written.
+    the pipeline bubble; with --html also as one HTML page. Nothing is allocated, trained or
+    loaded.
     """
     from titanax.exceptions import TitanaxError
 
@@ -209,7 +232,10 @@ def describe(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDe
         cfg = _start(config, overrides, cpu_devices, default_devices=_mesh_devices)
         from titanax.config.describe import describe_run
 
-        typer.echo(describe_run(cfg, device=judged).render())
+        report = describe_run(cfg, device=judged).render()
+        typer.echo(report)
+        if html:
+            typer.echo(f"wrote {report.save(html)}")
     except TitanaxError as error:
         _fail(_with_cpu_devices_hint(error, cfg), debug)
 
@@ -300,6 +326,28 @@ def launch(
     except TitanaxError as error:
         _fail(error, debug)
     raise typer.Exit(code)
+
+
+@app.command()
+def plot(metrics: Annotated[str, typer.Argument(
+             help="The metrics CSV a run wrote (logging.csv in its configuration).", show_default=False)],
+         out: Annotated[Optional[str], typer.Option(
+             "--out", "-o", metavar="DIR", help="Directory for the PNG files (default: the CSV's own).")] = None,
+         debug: Debug = False) -> None:
+    """Draw a run's metrics CSV as PNG curves: loss (train and held-out), throughput, MFU.
+
+    Writes loss.png, throughput.png (tokens/s, else examples/s) and mfu.png, each when the CSV has
+    its columns. Needs matplotlib: pip install "titanax[plot]".
+    """
+    from titanax.exceptions import TitanaxError
+
+    try:
+        from titanax.logging.plot import plot_metrics
+
+        for path in plot_metrics(metrics, out_dir=out):
+            typer.echo(f"wrote {path}")
+    except TitanaxError as error:
+        _fail(error, debug)
 
 
 def main(argv: list[str] | None = None) -> None:

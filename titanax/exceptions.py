@@ -170,3 +170,21 @@ class TitanaxWarning(UserWarning):
 
     With ``Rules(strict=True)`` the same conditions raise instead.
     """
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that names the first caller outside Titanax: the
+    line in the user's script or notebook, not the library frame that noticed the problem.
+
+    Example:
+      >>> user_stacklevel() >= 1
+      True
+    """
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

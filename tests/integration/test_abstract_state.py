@@ -71,20 +71,24 @@ def test_the_step_compiles_once_per_batch_shape_and_layout(mesh):
     data = np.random.default_rng(0)
     batch = {name: data.normal(size=(16, models.EMBED)).astype(np.float32) for name in ("x", "y")}
     regression_step = tx.step_fn(models.regression_step.fn)  # its own compile cache
-    compiles = lambda: _LOWERED.count("jit(_body)")  # noqa: E731  (lowered once per compiled program)
+    # lowered once per compiled program, named after the user's function
+    compiles = lambda: _LOWERED.count(f"jit({regression_step.__name__})")  # noqa: E731
     before = compiles()
     for _ in range(3):
         state, _ = regression_step(state, batch)
     assert compiles() - before == 1
-    state, _ = regression_step(state, {k: v[:8] for k, v in batch.items()})  # a new batch shape
+    with pytest.warns(tx.RecompileWarning) as caught:  # a new batch shape
+        state, _ = regression_step(state, {k: v[:8] for k, v in batch.items()})
     assert compiles() - before == 2
+    assert len(caught) == 1 and "batch['x']: shape (16, 8) -> (8, 8)" in str(caught[0].message)
     state, _ = regression_step(state, batch)  # seen before
     assert compiles() - before == 2
     params = jax.tree.map(lambda x: x, state.params)  # one parameter laid out anew by hand
     params["up"]["kernel"] = jax.device_put(
         params["up"]["kernel"], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tensor", "fsdp")))
-    state, _ = regression_step(state.replace(params=params), batch)
-    assert compiles() - before == 3
+    with pytest.warns(tx.RecompileWarning, match=r"state.params\['up'\]\['kernel'\]: sharding"):
+        state, _ = regression_step(state.replace(params=params), batch)
+    assert compiles() - before == 3 and regression_step.compile_watch.recompiles == 2
     assert state.params["up"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 

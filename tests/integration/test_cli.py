@@ -343,7 +343,7 @@ def _help(cli, *args: str) -> str:
 
 def test_top_level_help_lists_every_command(cli):
     group = _click_app()
-    assert set(group.commands) == {"run", "describe", "plan", "launch"}
+    assert set(group.commands) == {"run", "describe", "plan", "launch", "plot"}
     for args in (("--help",), ("-h",)):
         text = _help(cli, *args)
         for name in group.commands:
@@ -353,7 +353,7 @@ def test_top_level_help_lists_every_command(cli):
                 assert opt in text, (opt, text)
 
 
-@pytest.mark.parametrize("command", ["run", "describe", "plan", "launch"])
+@pytest.mark.parametrize("command", ["run", "describe", "plan", "launch", "plot"])
 def test_command_help_lists_every_option(cli, command):
     click_command = _click_app().commands[command]
     text = _help(cli, command, "--help")

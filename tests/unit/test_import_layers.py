@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "titanax"
 
 # Lowest first. A layer may import from itself and from every layer before it.
 LAYERS = (
-    "version", "exceptions", "units",
+    "version", "exceptions", "units", "html",
     "runtime", "launch",
     "nn", "optim",
     "parallel", "profiling",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import pathlib
 import time
 from typing import Any
 
@@ -19,20 +21,10 @@ import numpy as np
 
 from titanax.config.run import prepare
 from titanax.config.schema import RunConfig
+from titanax.html import Report
+from titanax.parallel.layout import bytes_per_device
 
 __all__ = ["CompiledRun", "RunDescription", "bytes_per_device", "compile_run", "describe_run"]
-
-
-def bytes_per_device(tree: Any) -> int:
-    """Bytes one device holds of the arrays in ``tree`` (the largest shard of each array)."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-            continue
-        sharding = getattr(leaf, "sharding", None)
-        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
-        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
-    return total
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -68,6 +60,12 @@ class RunDescription:
     """The ``DeviceMemory`` to judge the plan against, or ``None``."""
     compile_seconds: float
     """Time to lower and compile the step."""
+    layout_table: Any = None
+    """The model's :class:`~titanax.parallel.layout.Layout` (the HTML table's rows), or ``None``."""
+    schedule: Any = None
+    """The pipeline's :class:`~titanax.parallel.schedules.Schedule` (its Gantt chart), or ``None``."""
+    collectives_by_axis: Any = None
+    """``tx.profiling.collectives_by_axis`` of the compiled step, or ``None``."""
 
     @property
     def state_bytes(self) -> int:
@@ -86,7 +84,28 @@ class RunDescription:
             return None
         return self.state_bytes + self.activations.per_device_bytes
 
-    def render(self) -> str:
+    def __str__(self) -> str:
+        return str(self.render())
+
+    def html(self) -> str:
+        """The report as one self-contained HTML page (``titanax describe --html``)."""
+        return self.render().html()
+
+    def _repr_html_(self) -> str:
+        return self.render()._repr_html_()
+
+    def save(self, path: str | os.PathLike[str]) -> pathlib.Path:
+        """Write :meth:`html` to ``path`` (parent directories created); returns the path.
+
+        Raises:
+          TitanaxError: ``path`` is a directory or cannot be written.
+        """
+        return self.render().save(path)
+
+    def render(self) -> Report:
+        """What ``titanax describe`` prints (a ``str``); its HTML form (``.html()``) draws the
+        plan's schedule, the memory per device, the layout table and the collectives."""
+        from titanax.config.describe_html import run_html
         from titanax.units import human_bytes, human_count
 
         s = self.stats
@@ -134,7 +153,7 @@ class RunDescription:
             lines.append(f"FLOPs per step per device {human_count(s.flops)} (XLA cost model, a loop body counted once per trip)")
         lines.append(f"compiled in {self.compile_seconds:.1f} s by the {self.backend} backend; nothing was "
                      "allocated or trained")
-        return "\n".join(lines)
+        return Report("\n".join(lines), run_html(self), title="titanax describe")
 
     def verdict(self) -> str:
         """Whether one device's peak fits the device's memory, and by how much."""
@@ -260,11 +279,12 @@ class CompiledRun:
     """What the model was called with (for the analytic activations)."""
 
 
-def compile_run(cfg: RunConfig) -> CompiledRun:
+def compile_run(cfg: RunConfig, *, source: Any = None) -> CompiledRun:
     """Lay out and compile a run's training step from abstract state, allocating nothing.
 
     Args:
       cfg: the run configuration (its mesh must fit the devices present, e.g. simulated ones).
+      source: the ``DataSource`` already built for ``cfg.data`` (see :func:`~titanax.config.run.prepare`).
 
     Returns:
       The :class:`CompiledRun`.
@@ -274,7 +294,7 @@ def compile_run(cfg: RunConfig) -> CompiledRun:
     """
     from titanax.parallel.shard import shard
 
-    run = prepare(cfg, loggers=False, checkpoint=False)
+    run = prepare(cfg, loggers=False, checkpoint=False, source=source)
     engine = run.engine
     # Abstract end to end: shapes and shardings only, so a 405B plan fits on a laptop.
     sharded = shard(run.model, engine.plan, engine.mesh, example=run.model_example, rng=cfg.train.seed,
@@ -304,7 +324,7 @@ def describe_run(cfg: RunConfig, *, device: Any = None) -> RunDescription:
       TitanaxError: the configuration cannot be built on the current devices.
     """
     from titanax.parallel.batch import batch_axes
-    from titanax.profiling import inspect
+    from titanax.profiling import collectives_by_axis, inspect
     from titanax.runtime import describe_mesh
 
     built = compile_run(cfg)
@@ -331,4 +351,7 @@ def describe_run(cfg: RunConfig, *, device: Any = None) -> RunDescription:
         compute_dtype=engine.precision.compute,
         device=device,
         compile_seconds=seconds,
+        layout_table=sharded.layout,
+        schedule=None if engine.plan.pipeline_parallel is None else engine.plan.pipeline_parallel.schedule_table(),
+        collectives_by_axis=collectives_by_axis(compiled, engine.mesh),
     )

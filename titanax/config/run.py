@@ -190,13 +190,16 @@ def _check_batch(cfg: RunConfig, mesh: Any, plan: Any) -> None:
                           value=size)
 
 
-def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) -> Prepared:
+def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True,
+            source: DataSource | None = None) -> Prepared:
     """Build and check every part of a run without compiling or training.
 
     Args:
       cfg: the run configuration.
       loggers: build ``cfg.logging``'s loggers (``titanax describe`` needs none).
       checkpoint: build ``cfg.checkpoint`` (``titanax describe`` never writes one).
+      source: the data source :func:`build_source` built for this ``cfg.data`` already (a plan
+        search builds it once for all its candidates); ``None`` builds it.
 
     Returns:
       The :class:`Prepared` parts.
@@ -209,6 +212,11 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
     """
     from titanax.exec.engine import Engine
 
+    if cfg.train.compile_cache:
+        from titanax.runtime import enable_compile_cache
+
+        with keyed("train"):
+            enable_compile_cache(cfg.train.compile_cache)
     with keyed("mesh"):
         mesh = cfg.mesh.spec().build()
     with keyed("plan"):
@@ -225,7 +233,7 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
         step = step_fn(step)
     eval_step = _step(cfg.train.eval_step, "train.eval_step")
     eval_summary = _step(cfg.train.eval_summary, "train.eval_summary")
-    source = build_source(cfg)
+    source = source if source is not None else build_source(cfg)
     if eval_step is not None and source.eval is None:  # `run` would skip every evaluation silently
         raise ConfigError(f"train.eval_step={cfg.train.eval_step!r} is set but data.factory={cfg.data.factory!r} "
                           "returned a DataSource without eval data",
@@ -246,7 +254,8 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True) ->
             precision=precision, checkpoint=checkpointer,
             loggers=built_loggers, log_every=cfg.logging.every,
             flops_per_example=cfg.logging.flops_per_example, tokens_per_example=source.tokens_per_example,
-            peak_flops=cfg.logging.peak_flops, on_nonfinite=cfg.train.on_nonfinite)
+            peak_flops=cfg.logging.peak_flops, on_nonfinite=cfg.train.on_nonfinite,
+            profile_steps=cfg.logging.profile_steps, profile_dir=cfg.logging.profile_dir)
     return Prepared(config=cfg, engine=engine, model=model, model_example=example, source=source, step=step,
                     eval_step=eval_step, eval_summary=eval_summary)
 

@@ -273,9 +273,25 @@ class LoggingConfig:
     """Model FLOPs per example for MFU; ``None`` reads XLA's cost analysis when the peak is known."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU; ``None`` looks the device kind up."""
+    profile_steps: Optional[str] = None
+    """``"first:stop"``, quoted: trace these steps with ``jax.profiler`` (``"5:8"``: steps 5, 6, 7)."""
+    profile_dir: str = "profile"
+    """Where the profiler trace goes (TensorBoard's ``--logdir``)."""
 
     def __post_init__(self) -> None:
         _positive(LoggingConfig, "logging", every=self.every)
+        if self.profile_steps is not None:
+            from titanax.exec.trace import ProfileWindow
+
+            if str(self.profile_steps).isdigit():  # YAML 1.1 reads an unquoted 5:8 as 5*60+8
+                raise ConfigError(f"logging.profile_steps={self.profile_steps} is a number, not first:stop",
+                                  suggestion="quote it: profile_steps: \"5:8\" (YAML reads 5:8 unquoted as the "
+                                  "base-60 number 308)", owner="LoggingConfig", field="profile_steps",
+                                  value=self.profile_steps)
+            try:
+                ProfileWindow.parse(str(self.profile_steps), self.profile_dir)
+            except ConfigError as error:
+                raise error.replace(owner="LoggingConfig", field="profile_steps") from None
 
     def build(self) -> list[Any]:
         """The loggers: ``Basic``, and ``CSV`` / ``TensorBoard`` when their paths are set."""
@@ -308,6 +324,8 @@ class TrainConfig:
     on_nonfinite: Optional[int] = None
     """Stop after this many steps in a row with a non-finite loss or gradients (each one's update
     is skipped); ``None``: 1, or enough for a dynamic loss scale to fall to 1 (``Engine(on_nonfinite=)``)."""
+    compile_cache: Optional[str] = None
+    """A directory for JAX's persistent compilation cache (a restarted run loads its compiled step)."""
 
     def __post_init__(self) -> None:
         _positive(TrainConfig, "train", steps=self.steps, eval_every=self.eval_every, on_nonfinite=self.on_nonfinite)

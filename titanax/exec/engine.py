@@ -6,7 +6,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import collections
 import contextlib
 import logging
+import os
 import signal
+import time
 import threading
 from typing import Any
 
@@ -23,7 +25,9 @@ from titanax.exec.nonfinite import NonFiniteWatch, default_limit
 from titanax.exec.precision import Precision
 from titanax.exec.state import TrainState, create_train_state
 from titanax.exec.step import StepFunction, layout_key, scalar_metrics, step_fn
+from titanax.exec.trace import ProfileWindow
 from titanax.logging import Logger, MultiLogger, ThroughputMeter, peak_flops_per_device
+from titanax.parallel.layout import bytes_per_device
 from titanax.parallel.plan import Plan
 from titanax.parallel.resolve import resolve_mesh, resolve_rules
 from titanax.parallel.shard import shard
@@ -73,6 +77,8 @@ class Engine:
         prefetch: int = 2,
         max_steps_in_flight: int = 4,
         on_nonfinite: int | None = None,
+        profile_steps: str | tuple[int, int] | None = None,
+        profile_dir: str | os.PathLike[str] = "profile",
     ) -> None:
         """
         Args:
@@ -99,6 +105,10 @@ class Engine:
             ``max_steps_in_flight`` steps later, and always before a checkpoint is written.
             ``None``: the first one stops the run — under dynamic loss scaling, where overflow
             steps are expected, ``log2(initial_scale) + 2`` in a row do.
+          profile_steps: trace these steps with ``jax.profiler``: ``"5:8"`` or ``(5, 8)`` traces
+            steps 5, 6 and 7 (a range; step 1 compiles), for TensorBoard's profile plugin, XProf
+            or Perfetto (:class:`~titanax.exec.trace.ProfileWindow`).
+          profile_dir: where the trace goes.
         """
         self.mesh = resolve_mesh(mesh)
         self.plan, self.rules = resolve_rules(plan, self.mesh)
@@ -127,6 +137,7 @@ class Engine:
                               "a few bad batches in a row with e.g. on_nonfinite=3",
                               owner="Engine", field="on_nonfinite", value=on_nonfinite)
         self.on_nonfinite = on_nonfinite
+        self.profile = None if profile_steps is None else ProfileWindow.parse(profile_steps, profile_dir)
         self.state: TrainState | None = None
         # The signal that ended the last fit early (its step saved), or None: the caller decides
         # whether to exit; the CLI returns success so the scheduler can requeue the same command.
@@ -265,24 +276,33 @@ class Engine:
                 watch.observe(done, float(values["skipped_steps"]), None if loss is None else float(loss))
 
         current = start
+        compiles_before = step.compile_watch.compiles
         try:
             for batch in batches:
                 if meter is None:
                     meter = self._meter(step, state, batch)
+                if self.profile is not None:
+                    self.profile.before(current + 1)
+                dispatched = time.perf_counter()
                 state, metrics = step(state, batch)
                 current += 1
+                if self.profile is not None:
+                    self.profile.after(current, (state, metrics))
                 pending.append(metrics)
                 in_flight.append((current, metrics))
                 settle(self.max_steps_in_flight)
                 if current == start + 1:  # start the clock after compilation
                     jax.block_until_ready(metrics)
                     meter.update(current)
+                    self._report_start(step, state, compiles_before, time.perf_counter() - dispatched)
                 last = current >= steps or bool(preempted)
                 logged = None
                 if current % self.log_every == 0 or last:
                     settle(0)
                     logged = self._fetch(pending)
                     logged.update(meter.update(current))
+                    if step.compile_watch.recompiles:
+                        logged["recompiles"] = float(step.compile_watch.recompiles)
                     pending = []
                     if eval_step is not None and eval_data is not None and (
                         last or (eval_every and current % eval_every == 0)):
@@ -309,10 +329,29 @@ class Engine:
                         "fewer steps",
                     )
         finally:
+            if self.profile is not None:
+                self.profile.close()
             if self.checkpoint is not None:
                 self.checkpoint.wait()
             self.logger.close()
         return state
+
+    def _report_start(self, step: StepFunction, state: TrainState, compiles_before: int, first_s: float) -> None:
+        """One line at the first step: what compiling cost, what the first step took, memory."""
+        if jax.process_index() != 0:
+            return
+        from titanax.profiling import human_bytes, memory_watermark
+
+        watch = step.compile_watch
+        compiled = (f"compiled in {watch.records[-1].describe()}" if watch.compiles > compiles_before
+                    else "already compiled")
+        peak, source = memory_watermark(self.mesh.devices.flat)
+        if peak is not None:
+            memory = f"peak device memory {human_bytes(peak)} ({source})"
+        else:  # XLA:CPU keeps no statistics; a second compile for its memory analysis costs as much as the first
+            memory = (f"state {human_bytes(bytes_per_device(state))} per device (the backend reports no "
+                      "peak memory; `titanax describe` shows the compiled peak)")
+        _log.info("step %r %s; first step %.2f s; %s", watch.name, compiled, first_s, memory)
 
     def evaluate(self, eval_step: Callable[[TrainState, Any], Mapping[str, Any]], state: TrainState,
                  data: Iterable[Any] | Callable[[], Iterable[Any]], *,

@@ -135,6 +135,10 @@ class TrainState:
         Returns:
           The new state.
         """
+        with jax.named_scope("accumulate_gradients" if self.accumulating else "optimizer_update"):
+            return self._apply_gradients(grads, changes)
+
+    def _apply_gradients(self, grads: Any, changes: dict[str, Any]) -> TrainState:
         grads = self.precision.cast_to_params(grads)
         if self.accumulating:
             if self.manual_axes:

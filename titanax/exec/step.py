@@ -19,6 +19,7 @@ from titanax.exceptions import CollectiveError, ShardingError, TitanaxError
 from titanax.parallel.batch import batch_axes, batch_sharding
 from titanax.parallel.manual import as_varying, varying_axes
 from titanax.parallel.layout import path_string
+from titanax.exec.compilation import CompileWatch
 from titanax.exec.state import TrainState
 
 __all__ = ["StepFunction", "step_fn", "batch_shardings"]
@@ -75,7 +76,9 @@ class StepFunction:
 
     Call it in your own loop — ``state, metrics = train_step(state, batch)`` — or hand it to
     :meth:`tx.Engine.fit`. It compiles once per layout of the state (structure, shapes, dtypes and
-    shardings of its arrays) and per batch shape: later calls reuse the executable.
+    shardings of its arrays) and per batch shape: later calls reuse the executable. A compile
+    after the first warns (:class:`~titanax.exec.compilation.RecompileWarning`) with the argument
+    paths whose shape, dtype or sharding changed; :attr:`compile_watch` keeps each compile's time.
     """
 
     def __init__(self, fn: StepBody, *, manual: bool = False, donate: bool = True) -> None:
@@ -86,23 +89,30 @@ class StepFunction:
         self._compiled: dict[Any, Callable[..., Any]] = {}  # by exact layout (with shardings)
         self._latest: dict[Any, Callable[..., Any]] = {}  # by structure and batch shape: the hot path
         self._batch_shapes: dict[str, tuple[tuple[int, ...], Any]] | None = None
+        self.compile_watch = CompileWatch(getattr(fn, "__name__", "step"))
+        """Every compile of this step: ``.records`` (seconds, cache hits), ``.recompiles``."""
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         # Reading every array's sharding costs microseconds each, so the hot path keys on the
         # structure alone and lets jax.jit compare shardings; a mismatch (refused before anything
         # runs or is donated) looks the exact layout up.
         _check_live(state, f"step {self.__name__!r}")
-        fn = self._latest.get((jax.tree.structure(state), _batch_key(batch))) or self.jitted(state, batch)
+        structure = jax.tree.structure(state)
+        fn = self._latest.get((structure, _batch_key(batch))) or self.jitted(state, batch)
+        named = {"state": state, "batch": batch}
+        # A recompile is one for the same mesh and state structure (its static fields, such as the
+        # optimizer, included): a new run in the same process is expected to compile.
+        scope = (state.mesh, structure)
         with explained(self, state, batch):
             try:
-                return fn(state, batch)
+                return self.compile_watch.call(fn, (state, batch), named, scope=scope)
             except ValueError as err:
                 if _SHARDING_MISMATCH not in str(err):
                     raise
                 exact = self.jitted(state, batch)
                 if exact is fn:
                     raise  # the state fits: it is the batch that sits elsewhere
-                return exact(state, batch)
+                return self.compile_watch.call(exact, (state, batch), named, scope=scope)
 
     def lower(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
         """The compiled program's lowering, for ``tx.profiling.inspect``."""
@@ -124,11 +134,16 @@ class StepFunction:
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         in_batch = batch_shardings(state, batch)
         replicated = NamedSharding(state.mesh, PartitionSpec())
-        body = self._body
+
+        def body(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+            return self._body(state, batch)
+
+        # the program (jit_<name>) and its profile read by the user's function name, not `_body`
+        body.__name__ = body.__qualname__ = getattr(self.fn, "__name__", "step")
         if self.manual:
             _check_manual_layout(state)
             specs = lambda tree: jax.tree.map(lambda s: s.spec, tree)  # noqa: E731
-            body = jax.shard_map(self._body, mesh=state.mesh,
+            body = jax.shard_map(body, mesh=state.mesh,
                                  in_specs=(specs(state_shardings), specs(in_batch)),
                                  out_specs=(specs(state_shardings), PartitionSpec()))
         return jax.jit(body, in_shardings=(state_shardings, in_batch),
@@ -352,7 +367,8 @@ def step_fn(fn: StepBody, /) -> StepFunction: ...
 def step_fn(*, manual: bool = False, donate: bool = True) -> Callable[[StepBody], StepFunction]: ...
 
 
-def step_fn(fn: StepBody | None = None, /, *, manual: bool = False, donate: bool = True):
+def step_fn(fn: StepBody | None = None, /, *, manual: bool = False,
+            donate: bool = True) -> StepFunction | Callable[[StepBody], StepFunction]:
     """Make ``fn(state, batch) -> (state, metrics)`` a compiled, sharded training step.
 
     The step is compiled with the state's shardings in and out (the state is donated: its buffers
@@ -368,7 +384,8 @@ def step_fn(fn: StepBody | None = None, /, *, manual: bool = False, donate: bool
       donate: donate the input state's buffers.
 
     Returns:
-      A :class:`StepFunction`.
+      A ``StepFunction``; called without ``fn`` (``@tx.step_fn(manual=True)``), a decorator that
+      makes one.
 
     Example:
       >>> @tx.step_fn                                                          # doctest: +SKIP

@@ -7,16 +7,18 @@ N-th step. Give the engine a list of them::
                                      tx.logging.TensorBoard("runs/x/tb")])
 
 :class:`TensorBoard` needs the optional ``tensorboardX`` package (``pip install
-"titanax[tensorboard]"``); everything else here needs only Titanax's own dependencies.
+"titanax[tensorboard]"``) and :func:`plot_metrics` (``titanax plot``) needs matplotlib (``pip install
+"titanax[plot]"``); everything else here needs only Titanax's own dependencies.
 """
 
 from titanax.logging.base import Logger, MultiLogger, NullLogger
 from titanax.logging.basic import Basic, format_metrics
 from titanax.logging.csv_logger import CSV
+from titanax.logging.plot import plot_metrics
 from titanax.logging.tensorboard import TensorBoard
 from titanax.logging.throughput import ThroughputMeter, mfu, peak_flops_per_device
 
 __all__ = [
     "Logger", "NullLogger", "MultiLogger", "Basic", "CSV", "TensorBoard", "ThroughputMeter",
-    "format_metrics", "mfu", "peak_flops_per_device",
+    "format_metrics", "mfu", "peak_flops_per_device", "plot_metrics",
 ]

@@ -21,7 +21,7 @@ from titanax.exceptions import ShardingError, TitanaxWarning
 from titanax.parallel.rules import Dropped, LogicalNames, Rules, divisible_axes, pad_names, warn_dropped
 from titanax.units import human_bytes
 
-__all__ = ["Leaf", "ParamLayout", "Layout", "abstract", "layout_tree", "path_string", "place"]
+__all__ = ["Leaf", "ParamLayout", "Layout", "abstract", "bytes_per_device", "layout_tree", "path_string", "place"]
 
 
 def place(tree: Any, shardings: Any) -> Any:
@@ -178,10 +178,13 @@ class Layout:
     def _selected(self, params_only: bool) -> list[ParamLayout]:
         return [e for e in self.entries if not params_only or e.is_param]
 
-    def describe(self) -> str:
-        """A table: path, shape, dtype, logical names, PartitionSpec, bytes per device and in total."""
-        header = ("path", "shape", "dtype", "logical axes", "spec", "per device", "total")
-        rows = [header]
+    HEADER = ("path", "shape", "dtype", "logical axes", "spec", "per device", "total")
+    """The columns of :meth:`rows`."""
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """The table as text cells, one row per array in :attr:`entries`' order (columns
+        :attr:`HEADER`); arrays that are not parameters show their collection: ``path <batch_stats>``."""
+        rows = []
         for e in self.entries:
             names = "-" if e.names is None else "(" + ", ".join(str(n) for n in e.names) + ")"
             if e.source not in ("annotation", "none"):
@@ -189,6 +192,21 @@ class Layout:
             path = e.path if e.is_param else f"{e.path} <{e.collection}>"
             rows.append((path, "x".join(map(str, e.shape)) or "()", _dtype_name(e.dtype), names,
                          _spec_str(e.spec), human_bytes(e.bytes_per_device), human_bytes(e.nbytes)))
+        return rows
+
+    def summary(self) -> str:
+        """One line: the mesh, the parameter arrays and their bytes, in total, per device, replicated."""
+        mesh_desc = ", ".join(f"{a}={s}" for a, s in self.mesh.shape.items())
+        n_params = sum(1 for e in self._selected(True))
+        n_repl = sum(1 for e in self._selected(True) if e.replicated)
+        return (f"mesh ({mesh_desc}), {self.mesh.size} devices; {n_params} parameter arrays: "
+                f"{human_bytes(self.total_bytes())} total, {human_bytes(self.bytes_per_device())} per device; "
+                f"replicated: {human_bytes(self.replicated_bytes())} in {n_repl} arrays")
+
+    def describe(self) -> str:
+        """A table: path, shape, dtype, logical names, PartitionSpec, bytes per device and in total."""
+        header = self.HEADER
+        rows = [header, *self.rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         right = {5, 6}
         lines = []
@@ -197,15 +215,8 @@ class Layout:
             lines.append("  ".join(cells).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
-        mesh_desc = ", ".join(f"{a}={s}" for a, s in self.mesh.shape.items())
-        n_params = sum(1 for e in self._selected(True))
-        n_repl = sum(1 for e in self._selected(True) if e.replicated)
         lines.append("")
-        lines.append(
-            f"mesh ({mesh_desc}), {self.mesh.size} devices; {n_params} parameter arrays: "
-            f"{human_bytes(self.total_bytes())} total, {human_bytes(self.bytes_per_device())} per device; "
-            f"replicated: {human_bytes(self.replicated_bytes())} in {n_repl} arrays"
-        )
+        lines.append(self.summary())
         return "\n".join(lines)
 
     __str__ = describe
@@ -339,3 +350,15 @@ def _dtype_name(dtype: Any) -> str:
 def _spec_str(spec: PartitionSpec) -> str:
     return "P(" + ", ".join(repr(e) for e in spec) + ")"
 
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of the arrays in ``tree`` (the largest shard of each array)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype") or jax.dtypes.issubdtype(
+                leaf.dtype, jax.dtypes.extended):  # a PRNG key: a few bytes, no NumPy dtype
+            continue
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total

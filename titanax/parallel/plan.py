@@ -14,7 +14,9 @@ from jax.sharding import Mesh
 
 from titanax.nn.remat import check_policy
 from titanax.exceptions import PlanError
+from titanax.html import Report
 from titanax.parallel import presets
+from titanax.parallel.report import plan_html
 from titanax.parallel.rules import Rules
 from titanax.parallel.schedules import SCHEDULES, Schedule, build_schedule
 
@@ -368,13 +370,23 @@ class Plan:
         self.resolved_rules().validate(shape)
 
     def describe(self, mesh: Mesh | Mapping[str, int] | None = None, *,
-                 activation_bytes: int | None = None) -> str:
+                 activation_bytes: int | None = None) -> Report:
         """A readable summary of the plan.
 
         Args:
           mesh: adds the axis sizes.
           activation_bytes: with a pipeline, the bytes of one microbatch's activation on one device
             (the stack's input), to report the bytes moved between stages per step.
+
+        Returns:
+          The text (a ``str``); as HTML (``.html()``, ``.save(path)``, a notebook's display) the
+          same, with the pipeline's schedule drawn as a Gantt chart.
+
+        Example:
+          >>> plan = Plan(pipeline_parallel=PP(stages=2, microbatches=4), data_parallel=DP())
+          >>> report = plan.describe({"pipe": 2, "data": 4})
+          >>> report.splitlines()[1], report.html().count('class="tx-tick')
+          ("  DP    over 'data' (4 devices)", 20)
         """
         shape = {} if mesh is None else (dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh))
         lines = ["Plan"]
@@ -393,4 +405,6 @@ class Plan:
         lines.append("  rules: " + ", ".join(f"{n}->{t}" for n, t in rules.rules))
         if rules.unnamed is not None:
             lines.append(f"  unnamed parameters: largest divisible dimension over {rules.unnamed!r}")
-        return "\n".join(lines)
+        text = "\n".join(lines)
+        pp = self.pipeline_parallel
+        return Report(text, plan_html(text, None if pp is None else pp.schedule_table()), title="Plan")

@@ -40,6 +40,8 @@ from typing import Literal
 import numpy as np
 
 from titanax.exceptions import PlanError
+from titanax.html import Report
+from titanax.parallel.gantt import schedule_html
 
 __all__ = ["SCHEDULES", "Schedule", "build_schedule"]
 
@@ -246,9 +248,10 @@ class Schedule:
             raise PlanError(f"schedule {self.name} has {len(fwd)} forward, {len(bwd)} backward and {len(wgt)} "
                             f"weight slots for {expected} operations", suggestion="remove the extra operations")
 
-    def describe(self) -> str:
+    def describe(self) -> Report:
         """The table as text: one row per stage, one column per tick (``F3`` / ``B3`` / ``W3``,
-        several slots of a tick joined by ``+``, ``.`` idle)."""
+        several slots of a tick joined by ``+``, ``.`` idle); as HTML (``.html()``, ``.save(path)``,
+        a notebook's display) a Gantt chart (:func:`~titanax.parallel.gantt.schedule_html`)."""
         def cell(mb: int, rep: int, kind: str) -> str:
             return f"{kind}{mb}" + (f"r{rep}" if self.repeats > 1 else "")
 
@@ -266,10 +269,14 @@ class Schedule:
                  f"{self.repeats} repeat(s), {self.ticks} ticks, bubble {self.bubble_fraction:.1%}, "
                  f"peak stash {self.peak_stash}")]
         rows += [f"stage {s}: " + "".join(c.ljust(width) for c in row).rstrip() for s, row in enumerate(grid)]
-        return "\n".join(rows)
+        return Report("\n".join(rows), schedule_html(self), title=f"Pipeline schedule {self.name}")
 
     def __str__(self) -> str:
-        return self.describe()
+        return str(self.describe())
+
+    def _repr_html_(self) -> str:
+        """The Gantt chart, for notebooks."""
+        return self.describe()._repr_html_()
 
 
 def _tables(ticks: int, p: int, count: int = 6) -> list[np.ndarray]:

@@ -18,9 +18,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax.exceptions import ShardingError, TitanaxWarning
+from titanax.html import Report
 from titanax.parallel.batch import batch_axes, batch_sharding
 from titanax.parallel.layout import Layout
 from titanax.parallel.plan import Plan
+from titanax.parallel.report import device_capacity, model_body
 from titanax.parallel.rules import Rules
 from titanax.parallel.tracing import CallRecord, call_model, tracing_context
 
@@ -308,10 +310,34 @@ class ShardedModel(abc.ABC):
 
         return jax.jit(forward)
 
-    def describe(self) -> str:
-        """The layout table: per array its path, shape, logical axes, spec and bytes per device."""
-        head = self.plan.describe(self.mesh) + "\n\n" if self.plan is not None else ""
-        return head + self.layout.describe()
+    def describe(self) -> Report:
+        """The plan and the layout table: per array its path, shape, logical axes, spec and bytes
+        per device.
+
+        Returns:
+          The text (a ``str``: print it); as HTML (``.html()``, ``.save(path)``, a notebook's
+          display) the plan with its pipeline schedule as a Gantt chart, one device's memory as a
+          stacked bar (against the device's memory where the device reports it) and the layout
+          table, one ``<tr class="tx-param">`` per parameter.
+
+        Example:
+          >>> mesh = tx.MeshSpec(axes=("data",)).build()
+          >>> sm = tx.shard(nn.Dense(2), tx.Plan(data_parallel=tx.DP()), mesh, example=jnp.ones((8, 4)))
+          >>> report = sm.describe()
+          >>> "kernel" in report, report.html().count('<tr class="tx-param')
+          (True, 2)
+          >>> report.save("model.html")     # doctest: +SKIP
+        """
+        plan_text = self.plan.describe(self.mesh) if self.plan is not None else None
+        head = plan_text + "\n\n" if plan_text is not None else ""
+        pp = self.plan.pipeline_parallel if self.plan is not None else None
+        body = model_body(plan_text, None if pp is None else pp.schedule_table(), self.layout,
+                          device_capacity(self.mesh))
+        return Report(head + self.layout.describe(), body, title=f"{type(self._module).__name__} on the mesh")
+
+    def _repr_html_(self) -> str:
+        """:meth:`describe` as HTML, for notebooks."""
+        return self.describe()._repr_html_()
 
     def __repr__(self) -> str:
         mesh = ", ".join(f"{a}={s}" for a, s in self.mesh.shape.items())

@@ -135,8 +135,9 @@ class PlanSearch:
                 f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(cells)}</tbody></table>")
 
 
-def model_facts(values: Mapping[str, Any]) -> ModelFacts:
-    """The model's sizes, read from its abstract state on one device (nothing allocated)."""
+def model_facts(values: Mapping[str, Any], source: Any = None) -> ModelFacts:
+    """The model's sizes, read from its abstract state on one device (nothing allocated); ``source``:
+    the run's ``DataSource`` if built already."""
     import numpy as np
 
     from titanax.config import from_dict
@@ -150,7 +151,7 @@ def model_facts(values: Mapping[str, Any]) -> ModelFacts:
     cfg = from_dict(Candidate().apply_to(values))
     mesh = MeshSpec(axes=("data",), shape=(1,), devices=jax.devices()[:1]).build()
     plan = Plan(data_parallel=DP(axis="data"))
-    source = build_source(cfg)
+    source = source if source is not None else build_source(cfg)
     model, example = build_model(cfg, source.example, plan.resolved_rules(), mesh)
     sharded = shard(model, plan, mesh, example=example, rng=cfg.train.seed, abstract=True)
     state = create_train_state(sharded, cfg.optimizer.build(cfg.train.steps), precision=cfg.precision.build())
@@ -165,14 +166,14 @@ def model_facts(values: Mapping[str, Any]) -> ModelFacts:
                       batch_size=cfg.data.batch_size, tokens_per_example=source.tokens_per_example)
 
 
-def _evaluate(values: Mapping[str, Any], candidate: Candidate, spec: DeviceSpec) -> dict[str, Any]:
+def _evaluate(values: Mapping[str, Any], candidate: Candidate, spec: DeviceSpec, source: Any = None) -> dict[str, Any]:
     """Compile ``candidate`` abstractly; its memory, loop-aware figures and roofline estimate."""
     from titanax.config import from_dict
     from titanax.config.describe import bytes_per_device, compile_run
     from titanax.profiling import collectives_by_axis, inspect
 
     cfg = from_dict(candidate.apply_to(values))
-    built = compile_run(cfg)
+    built = compile_run(cfg, source=source)
     stats = inspect(built.compiled)
     mesh = built.prepared.engine.mesh
     by_axis = collectives_by_axis(built.compiled, mesh)
@@ -194,29 +195,48 @@ def _evaluate(values: Mapping[str, Any], candidate: Candidate, spec: DeviceSpec)
                 compile_seconds=built.seconds)
 
 
+class _StepTimer:
+    """One plan's run, prepared once and then timed step by step: a search times its plans in
+    rounds, one plan after another, so that a slow spell of a shared machine lands on every plan
+    rather than on whichever ran during it."""
+
+    def __init__(self, values: Mapping[str, Any], candidate: Candidate, *, warmup: int = 2,
+                 source: Any = None) -> None:
+        from titanax.config import from_dict, prepare
+        from titanax.data import to_global
+
+        run = prepare(from_dict(candidate.apply_to(values)), loggers=False, checkpoint=False, source=source)
+        batches = iter(run.source.train_batches())
+        self._placed = [to_global(next(batches), run.engine.mesh, run.engine.plan) for _ in range(4)]
+        self._step, self._state = run.step, run.init()
+        self.times: list[float] = []
+        self._run(max(warmup, 1), record=False)
+
+    def _run(self, steps: int, *, record: bool = True) -> None:
+        for i in range(steps):  # one step at a time: each is timed alone
+            started = time.perf_counter()
+            self._state, metrics = self._step(self._state, self._placed[len(self.times) % len(self._placed)])
+            jax.block_until_ready((self._state, metrics))
+            if record:
+                self.times.append(time.perf_counter() - started)
+
+    def time(self, steps: int) -> None:
+        """Time ``steps`` more steps."""
+        self._run(steps)
+
+    @property
+    def median(self) -> float:
+        """The median of every timed step: a stray slow step does not count."""
+        return statistics.median(self.times)
+
+
 def measure_step_time(values: Mapping[str, Any], candidate: Candidate, *, steps: int = 5, warmup: int = 2) -> float:
     """The median seconds of one training step of ``candidate`` over ``steps`` steps (after
     ``warmup``), run for real on this machine's devices (a small model only: its state is
     allocated)."""
-    from titanax.config import from_dict, prepare
-    from titanax.data import to_global
-
-    cfg = from_dict(candidate.apply_to(values))
-    run = prepare(cfg, loggers=False, checkpoint=False)
-    engine = run.engine
-    state = run.init()
-    batches = iter(run.source.train_batches())
-    placed = [to_global(next(batches), engine.mesh, engine.plan) for _ in range(min(steps, 4))]
-    for i in range(warmup):
-        state, metrics = run.step(state, placed[i % len(placed)])
-    jax.block_until_ready((state, metrics))
-    times = []
-    for i in range(steps):  # one step at a time, its median: a stray slow step does not count
-        started = time.perf_counter()
-        state, metrics = run.step(state, placed[i % len(placed)])
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    timer = _StepTimer(values, candidate, warmup=warmup)
+    timer.time(steps)
+    return timer.median
 
 
 def _spec_for(device: str | DeviceSpec | None) -> DeviceSpec:
@@ -247,6 +267,7 @@ def autoplan(
     remat: Sequence[str | None] = (None,),
     sequence_parallel: bool = True,
     measure_steps: int = 0,
+    measure_rounds: int = 3,
     progress: Callable[[str], None] | bool = False,
 ) -> PlanSearch:
     """Choose a parallelism plan for a run by compiling candidate plans abstractly.
@@ -266,8 +287,11 @@ def autoplan(
       microbatch_multiples: pipeline microbatch counts to try, as multiples of the stage count.
       remat: values of the model factory's ``remat`` argument to try (``None``: as configured).
       sequence_parallel: also try sequence parallelism with tensor parallelism.
-      measure_steps: when positive, also run each compiled plan that fits for this many steps on
-        this machine and record its step time (small models only).
+      measure_steps: when positive, also run each compiled plan that fits on this machine and
+        record its step time, the median of ``measure_steps`` steps in each of ``measure_rounds``
+        rounds that take the plans in turn (small models only: every measured plan's state is
+        allocated at once).
+      measure_rounds: rounds of ``measure_steps`` steps per plan.
       progress: print a line per compiled candidate (to stderr), or a function taking the line.
 
     Returns:
@@ -294,9 +318,17 @@ def autoplan(
         raise ConfigError(f"devices={devices!r}: this process has {available} device(s)",
                           suggestion=f"simulate them first: tx.simulate_cpu_devices({devices}) before JAX starts, "
                           f"or titanax plan --devices {devices}", owner="autoplan", field="devices", value=devices)
+    for field, value in (("measure_steps", measure_steps), ("measure_rounds", measure_rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "measure_steps" else 1):
+            raise ConfigError(f"autoplan({field}={value!r}) must be a {'non-negative' if field == 'measure_steps' else 'positive'} integer",
+                              suggestion="e.g. measure_steps=5, measure_rounds=3", owner="autoplan", field=field, value=value)
     spec = _spec_for(device)
     budget = memory_bytes if memory_bytes is not None else spec.memory_bytes
-    facts = model_facts(values)
+    from titanax.config import from_dict
+    from titanax.config.run import build_source
+
+    source = build_source(from_dict(Candidate().apply_to(values)))  # once: candidates differ in mesh and plan only
+    facts = model_facts(values, source)
     kept, pruned = enumerate_candidates(devices, facts, memory_bytes=budget, devices_per_node=spec.devices_per_node,
                                         schedules=schedules, microbatch_multiples=microbatch_multiples,
                                         remat=remat, sequence_parallel=sequence_parallel)
@@ -304,6 +336,7 @@ def autoplan(
                              bandwidth=spec.intra_node_bandwidth, cross_node_bandwidth=spec.inter_node_bandwidth,
                              devices_per_node=spec.devices_per_node)
     evaluated: list[PlanRow] = []
+    timers: dict[int, _StepTimer] = {}  # position in `evaluated` -> the plan's prepared run
     for rank, candidate in enumerate(order, 1):
         spent = time.perf_counter() - started
         if spent > time_budget or (max_compiles is not None and rank > max_compiles):
@@ -313,7 +346,7 @@ def autoplan(
                                      reason=f"{why} (arithmetic rank {rank} of {len(order)})"))
             continue
         try:
-            figures = _evaluate(values, candidate, spec)
+            figures = _evaluate(values, candidate, spec, source)
         except TitanaxError as error:
             evaluated.append(PlanRow(candidate=candidate, status="failed", reason=error.message.splitlines()[0]))
             if say:
@@ -322,15 +355,21 @@ def autoplan(
         fits = figures["peak_bytes"] <= budget
         status, reason = ("ranked", "") if fits else (
             "too big", f"compiled peak {human_bytes(figures['peak_bytes'])} > {human_bytes(budget)}")
-        measured = None
         if measure_steps and fits:
-            measured = measure_step_time(values, candidate, steps=measure_steps)
-        evaluated.append(PlanRow(candidate=candidate, status=status, reason=reason, measured_seconds=measured, **figures))
+            timers[len(evaluated)] = _StepTimer(values, candidate, source=source)
+        evaluated.append(PlanRow(candidate=candidate, status=status, reason=reason, **figures))
         if say:
             est = figures["estimate"]
             say(f"[{'#' * (20 * rank // len(order)):<20}] {rank}/{len(order)} {candidate.label}: "
                 f"{est.total_s * 1e3:.2f} ms/step ({est.bound}), peak {human_bytes(figures['peak_bytes'])}, "
                 f"compiled in {figures['compile_seconds']:.1f} s")
+    for round_ in range(measure_rounds if timers else 0):
+        for timer in timers.values():
+            timer.time(measure_steps)
+        if say:
+            say(f"measured round {round_ + 1}/{measure_rounds} of {len(timers)} plans")
+    for i, timer in timers.items():
+        evaluated[i] = dataclasses.replace(evaluated[i], measured_seconds=timer.median)
     rows = _rank(evaluated) + [PlanRow(candidate=r.candidate, status="pruned", reason=r.reason) for r in pruned]
     return PlanSearch(rows=tuple(rows), spec=spec, devices=devices, memory_bytes=budget,
                       seconds=time.perf_counter() - started, values=values)

@@ -24,6 +24,7 @@ from titanax.profiling.collectives import (
 from titanax.profiling.compiled import inspect
 from titanax.profiling.hlo import shape_bytes
 from titanax.profiling.stats import CompiledStats
+from titanax.profiling.watermark import memory_watermark
 from titanax.units import human_bytes, human_count
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "human_bytes",
     "human_count",
     "inspect",
+    "memory_watermark",
     "shape_bytes",
 ]

@@ -9,6 +9,7 @@ Example:
 """
 
 from titanax.runtime.cluster import ClusterSpec, resolve_cluster
+from titanax.runtime.compile_cache import enable_compile_cache
 from titanax.runtime.distributed import DistributedInfo, initialize
 from titanax.runtime.mesh import MeshSpec, describe_mesh
 from titanax.runtime.process_groups import ProcessGroups
@@ -20,6 +21,7 @@ __all__ = [
     "MeshSpec",
     "ProcessGroups",
     "describe_mesh",
+    "enable_compile_cache",
     "initialize",
     "resolve_cluster",
     "simulate_cpu_devices",
