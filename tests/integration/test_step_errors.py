@@ -60,7 +60,8 @@ def test_a_state_resharded_by_hand_compiles_for_its_new_layout(fsdp):
     step = tx.step_fn(train_step.fn, donate=False)
     expected, _ = step(state, batch())  # compiled for the plan's layout
     replicated = state.replace(params=jax.device_put(state.params, NamedSharding(mesh, P())))
-    new_state, _ = step(replicated, batch())  # the same structure, another layout: compiles again
+    with pytest.warns(tx.RecompileWarning, match=r"state.params\['up'\]\['kernel'\].value: sharding P\('fsdp', None\) -> P\(\)"):
+        new_state, _ = step(replicated, batch())  # the same structure, another layout: compiles again
     assert new_state.params["up"]["kernel"][...].sharding.spec == P()  # the layout it was given
     np.testing.assert_allclose(new_state.params["up"]["kernel"][...], expected.params["up"]["kernel"][...],
                                rtol=1e-6, atol=1e-6)
@@ -91,7 +92,8 @@ def test_a_feature_width_change_names_the_leaf_and_both_shapes(fsdp):
     state, _ = train_step(fresh(fsdp), batch())
     with pytest.raises(tx.ShardingError, match=r"batch leaf 'x' of shape \(8, 32\).*now gets shape \(8, 33\)"):
         train_step(state, batch(features=m.EMBED + 1))
-    train_step(state, batch(rows=16))  # a new batch size is fine: it compiles once more
+    with pytest.warns(tx.RecompileWarning, match=r"batch\['x'\]: shape \(8, 32\) -> \(16, 32\)"):
+        train_step(state, batch(rows=16))  # a new batch size works: it compiles once more, and says so
 
 
 def test_a_non_scalar_eval_metric_is_named(fsdp):
