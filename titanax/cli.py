@@ -35,6 +35,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+"""The ``titanax`` command as a Typer application (``main`` runs it; tests call it with Typer's ``CliRunner``)."""
 
 ConfigPath = Annotated[str, typer.Argument(help="The run configuration: a YAML file (see examples/configs/).",
                                            show_default=False)]

@@ -26,13 +26,14 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from titanax.data import DataSource
+from titanax.data import DataSource, GrainLoader
 from titanax.data.loader import ArrayLoader
 from titanax.exceptions import TitanaxError
 
 __all__ = [
     "Tokenizer", "ByteTokenizer", "TokenizersBPE", "TiktokenBPE", "load_tokenizer",
-    "Corpus", "load_corpus", "stdlib_files", "windows", "train_loader", "heldout_batches",
+    "Corpus", "load_corpus", "stdlib_files", "windows", "train_loader", "grain_train_loader",
+    "heldout_batches",
 ]
 
 EOT = "<|endoftext|>"
@@ -335,6 +336,34 @@ def train_loader(corpus: Corpus, seq_len: int, batch_size: int, seed: int = 0,
     return ArrayLoader({"tokens": tokens}, batch_size=batch_size, seed=seed, **options)
 
 
+def _tokens_record(window: np.ndarray) -> dict[str, np.ndarray]:
+    return {"tokens": window}
+
+
+def grain_train_loader(corpus: Corpus, seq_len: int, batch_size: int, seed: int = 0,
+                       **options: Any) -> GrainLoader:
+    """:func:`train_loader` read through Grain: the same windows as a ``grain.MapDataset``.
+
+    Args:
+      corpus: from :func:`load_corpus`.
+      seq_len: the model's sequence length.
+      batch_size: the global batch size; each process yields its share.
+      seed: seeds Grain's per-epoch shuffle.
+      **options: passed to :class:`~titanax.data.GrainLoader` (``process_index``, ``epochs``,
+        ``read_options``).
+
+    Returns:
+      A ``tx.data.GrainLoader`` of ``{"tokens": [batch, seq_len + 1]}`` batches; its state (the
+      windows the whole job has consumed) resumes on any number of processes or devices.
+
+    Raises:
+      TitanaxError: ``grain`` is not installed.
+    """
+    grain = _require("grain")
+    records = grain.MapDataset.source(windows(corpus.train, seq_len, name="training split"))
+    return GrainLoader(records.map(_tokens_record), batch_size=batch_size, seed=seed, **options)
+
+
 def heldout_batches(corpus: Corpus, seq_len: int, batch_size: int,
                     max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
     """Fixed evaluation batches: held-out windows in order, full (global) batches only.
@@ -362,7 +391,7 @@ def heldout_batches(corpus: Corpus, seq_len: int, batch_size: int,
 
 def text_source(paths: Sequence[str] | None = None, *, tokenizer: str | None = None,
                 max_bytes: int | None = None, seq_len: int = 64, eval_batches: int | None = 8,
-                batch_size: int, seed: int) -> DataSource:
+                loader: str = "array", batch_size: int, seed: int) -> DataSource:
     """The run-config data factory (``data.factory: examples.gpt_small_tp.data:text_source``).
 
     The corpus is read when training starts, not here, so ``titanax describe`` stays instant.
@@ -373,6 +402,8 @@ def text_source(paths: Sequence[str] | None = None, *, tokenizer: str | None = N
       max_bytes: read at most this much text.
       seq_len: tokens per training sequence.
       eval_batches: held-out batches per evaluation (``None``: all of them).
+      loader: ``"array"`` (:func:`train_loader`, in memory) or ``"grain"``
+        (:func:`grain_train_loader`, a Grain pipeline; needs ``pip install 'titanax[grain]'``).
       batch_size: global batch size (sequences).
       seed: shuffling seed.
 
@@ -380,6 +411,10 @@ def text_source(paths: Sequence[str] | None = None, *, tokenizer: str | None = N
       A ``tx.data.DataSource`` of ``{"tokens": [batch, seq_len + 1]}`` batches, each process
       reading its slice.
     """
+    if loader not in ("array", "grain"):
+        raise TitanaxError(f"loader={loader!r} is not a training loader of this example",
+                           suggestion="use loader: array (in memory) or loader: grain (a Grain pipeline)")
+    make_loader = grain_train_loader if loader == "grain" else train_loader
     tok = load_tokenizer(tokenizer)
     loaded: list[Corpus] = []
 
@@ -396,11 +431,12 @@ def text_source(paths: Sequence[str] | None = None, *, tokenizer: str | None = N
 
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
     return DataSource(
-        train=lambda: train_loader(corpus(), seq_len, batch_size, seed=seed),
+        train=lambda: make_loader(corpus(), seq_len, batch_size, seed=seed),
         eval=held_out,
         example={"tokens": np.zeros((batch_size, seq_len + 1), dtype)},
         tokens_per_example=seq_len,
         vocab_size=tok.vocab_size,
         description=f"text from {'the Python standard library' if paths is None else ', '.join(map(str, paths))}, "
-                    f"{type(tok).__name__} tokens (vocab {tok.vocab_size}), {seq_len} per sequence",
+                    f"{type(tok).__name__} tokens (vocab {tok.vocab_size}), {seq_len} per sequence"
+                    + (", read through Grain" if loader == "grain" else ""),
     )

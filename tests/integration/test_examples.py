@@ -60,7 +60,7 @@ def test_every_example_config_builds():
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     assert set(inspect.signature(gpt).parameters) == {"preset", "rngs"} | fields
     paths = sorted(CONFIGS.glob("*.yaml"))
-    assert len([p for p in paths if p.name.startswith("gpt_")]) == 17 and len(paths) >= 21
+    assert len([p for p in paths if p.name.startswith("gpt_")]) == 18 and len(paths) >= 21
     for path in paths:
         cfg = txconfig.load(path)
         if cfg.mesh.shape and math.prod(cfg.mesh.shape) > jax.device_count():

@@ -139,8 +139,8 @@ def test_manual_mode_under_tensor_parallelism_names_a_split_parameter():
         manual_step(state, batch())
 
 
-def test_a_mesh_with_explicit_axes_is_refused_with_the_fix():
-    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,))
-    with pytest.raises(tx.MeshError, match=r"mesh axes \['fsdp'\] are not AxisType.Auto") as info:
+def test_a_mesh_with_manual_axes_is_refused_with_the_fix():
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Manual,))
+    with pytest.raises(tx.MeshError, match=r"mesh axes \['fsdp'\] are neither Auto nor Explicit") as info:
         tx.Engine(mesh=mesh, plan=FSDP8, optimizer=optax.sgd(0.1))
-    assert "tx.MeshSpec(axes=('fsdp',), shape=(8,)).build()" in info.value.suggestion
+    assert "tx.MeshSpec(axes=('fsdp',), shape=(8,), axis_types='auto' or 'explicit')" in info.value.suggestion

@@ -62,6 +62,9 @@ class MeshConfig:
     """Mesh axis names, outermost first."""
     shape: Optional[tuple[int, ...]] = None
     """Size of each axis; one entry may be ``-1`` (inferred). ``None``: every device on ``axes[0]``."""
+    axis_types: Any = "auto"
+    """``auto`` or ``explicit``, for all axes or one per axis (``tx.MeshSpec(axis_types=)``):
+    ``explicit`` for models written in JAX's explicit-sharding style."""
 
     def __post_init__(self) -> None:
         if not self.axes:
@@ -76,7 +79,9 @@ class MeshConfig:
 
     def spec(self) -> MeshSpec:
         """The ``tx.MeshSpec`` (``build()`` it on the devices)."""
-        return MeshSpec(axes=tuple(self.axes), shape=None if self.shape is None else tuple(self.shape))
+        kinds = self.axis_types if isinstance(self.axis_types, str) else tuple(self.axis_types)
+        return MeshSpec(axes=tuple(self.axes), shape=None if self.shape is None else tuple(self.shape),
+                        axis_types=kinds)
 
 
 # ------------------------------------------------------------------- generated from the domain classes

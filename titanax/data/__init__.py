@@ -19,6 +19,7 @@ from titanax.data.global_batch import (
     process_data_shard,
     to_global,
 )
+from titanax.data.grain_source import GrainLoader
 from titanax.data.loader import ArrayLoader
 from titanax.data.prefetch import DevicePrefetcher, prefetch_to_device
 from titanax.data.source import DataSource
@@ -28,6 +29,7 @@ __all__ = [
     "DataShard",
     "DataSource",
     "DevicePrefetcher",
+    "GrainLoader",
     "batch_sharding",
     "global_batch_size",
     "prefetch_to_device",

@@ -20,6 +20,7 @@ from typing import Any
 from jax.sharding import Mesh
 
 from titanax.data.global_batch import DataShard, RulesOrPlan, batch_layout, to_global
+from titanax.data.grain_source import GrainLoader
 from titanax.data.loader import ArrayLoader
 from titanax.exceptions import ShardingError, TitanaxError
 
@@ -159,15 +160,16 @@ def _check_source_shard(source: Any, shard: DataShard) -> None:
     default (one part per process) feeds replicas different rows and JAX assembles a batch whose
     copies disagree, silently.
     """
-    if not isinstance(source, ArrayLoader):
+    if not isinstance(source, (ArrayLoader, GrainLoader)):
         return
     mine = (source.process_index, source.process_count)
     if mine != tuple(shard):
+        kind = type(source).__name__
         raise ShardingError(
-            f"the ArrayLoader loads part {mine[0]} of {mine[1]} of each batch, but on this mesh "
+            f"the {kind} loads part {mine[0]} of {mine[1]} of each batch, but on this mesh "
             f"this process feeds part {shard.index} of {shard.count}",
             suggestion="build the loader with shard = tx.data.process_data_shard(mesh, plan); "
-            "ArrayLoader(..., process_index=shard.index, process_count=shard.count)",
+            f"{kind}(..., process_index=shard.index, process_count=shard.count)",
         )
 
 

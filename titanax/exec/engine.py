@@ -32,6 +32,7 @@ from titanax.parallel.plan import Plan
 from titanax.parallel.resolve import resolve_mesh, resolve_rules
 from titanax.parallel.shard import shard
 from titanax.parallel.sharded_model import ShardedModel
+from titanax.parallel.tracing import mesh_context
 
 _log = logging.getLogger("titanax.engine")
 
@@ -397,7 +398,8 @@ class Engine:
             state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
             def run(state: TrainState, batch: Any) -> dict[str, jax.Array]:
-                return scalar_metrics(eval_step(state, batch), f"eval step {name!r}")
+                with mesh_context(self.mesh):
+                    return scalar_metrics(eval_step(state, batch), f"eval step {name!r}")
 
             cache[key] = jax.jit(run, in_shardings=(state_shardings, None), out_shardings=replicated)
         return cache[key]

@@ -19,6 +19,7 @@ from titanax.exceptions import CollectiveError, ShardingError, TitanaxError
 from titanax.parallel.batch import batch_axes, batch_sharding
 from titanax.parallel.manual import as_varying, varying_axes
 from titanax.parallel.layout import path_string
+from titanax.parallel.tracing import mesh_context
 from titanax.exec.compilation import CompileWatch
 from titanax.exec.state import TrainState
 
@@ -136,7 +137,8 @@ class StepFunction:
         replicated = NamedSharding(state.mesh, PartitionSpec())
 
         def body(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-            return self._body(state, batch)
+            with mesh_context(state.mesh):  # explicit-style step code names mesh axes in P(...)
+                return self._body(state, batch)
 
         # the program (jit_<name>) and its profile read by the user's function name, not `_body`
         body.__name__ = body.__qualname__ = getattr(self.fn, "__name__", "step")

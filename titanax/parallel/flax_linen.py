@@ -87,7 +87,7 @@ class LinenShardedModel(ShardedModel):
         result is ``(output, new_model_state)``: ``model_state`` with the collections the call
         changed replaced, so it can go straight back into the train state.
         """
-        variables = {**model_state, "params": params}
+        variables = {**model_state, "params": self._for_compute(params)}
         if mutable is False:
             return self._call(lambda: self._module.apply(variables, *args, **kwargs))
         out, updates = self._call(lambda: self._module.apply(variables, *args, mutable=mutable, **kwargs))

@@ -107,6 +107,8 @@ class NNXShardedModel(ShardedModel):
             )
         changed: list[str] = []
 
+        params = self._for_compute(params)
+
         def call() -> tuple[Any, nnx.State]:
             module = nnx.merge(self.graphdef, params, model_state, copy=True)
             out = module(*args, **kwargs)

@@ -1,5 +1,5 @@
 """What ``tx.shard``, the Engine and ``tx.data`` check first: the mesh to use (given, or set by
-``jax.set_mesh``; every axis ``Auto``) and the rules a plan or bare rules stand for."""
+``jax.set_mesh``; Auto or Explicit axes) and the rules a plan or bare rules stand for."""
 
 from __future__ import annotations
 
@@ -38,18 +38,17 @@ def resolve_mesh(mesh: Mesh | None) -> Mesh:
 
 
 def _check_axis_types(mesh: Mesh) -> Mesh:
-    """Titanax lays arrays out with GSPMD, which needs every mesh axis ``AxisType.Auto``."""
-    explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
-                if kind != jax.sharding.AxisType.Auto]
-    if explicit:
+    """A training mesh has Auto or Explicit axes; Manual axes exist only inside ``shard_map``."""
+    manual = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+              if kind not in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit)]
+    if manual:
         kinds = {name: kind.name for name, kind in zip(mesh.axis_names, mesh.axis_types)}
         names = tuple(mesh.axis_names)
         raise MeshError(
-            f"mesh axes {explicit} are not AxisType.Auto (axis types: {kinds}); Titanax lays "
-            "arrays out by GSPMD sharding constraints, which JAX accepts only on Auto axes "
-            "(jax.make_mesh makes Explicit axes by default)",
-            suggestion=f"build the mesh with tx.MeshSpec(axes={names!r}, shape={tuple(mesh.devices.shape)!r}).build(), "
-            f"or jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * {len(names)})",
+            f"mesh axes {manual} are neither Auto nor Explicit (axis types: {kinds})",
+            suggestion=f"build the mesh with tx.MeshSpec(axes={names!r}, shape={tuple(mesh.devices.shape)!r}, "
+            "axis_types='auto' or 'explicit').build(); Titanax enters shard_map itself in manual mode "
+            "(@tx.step_fn(manual=True))",
         )
     return mesh
 

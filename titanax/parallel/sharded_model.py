@@ -24,7 +24,8 @@ from titanax.parallel.layout import Layout
 from titanax.parallel.plan import Plan
 from titanax.parallel.report import device_capacity, model_body
 from titanax.parallel.rules import Rules
-from titanax.parallel.tracing import CallRecord, call_model, tracing_context
+from titanax.parallel.explicit import gather_for_compute
+from titanax.parallel.tracing import CallRecord, call_model, has_explicit_axes, mesh_context, tracing_context
 
 __all__ = ["ShardedModel"]
 
@@ -193,6 +194,15 @@ class ShardedModel(abc.ABC):
     def tracing(self) -> contextlib.AbstractContextManager[None]:
         """The context to trace model code in (rules, mesh, Flax logical rules)."""
         return tracing_context(self.rules, self.mesh)
+
+    def _for_compute(self, params: Any) -> Any:
+        """``params`` as the model computes with them: on a mesh with Explicit axes, gathered over
+        the FSDP axis (:mod:`titanax.parallel.explicit`); elsewhere as they are (XLA gathers)."""
+        fsdp = self.plan.fsdp if self.plan is not None else None
+        if fsdp is None or not has_explicit_axes(self.mesh):
+            return params
+        with mesh_context(self.mesh):
+            return gather_for_compute(params, (fsdp.axis,))
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run model code as Titanax traces it (see :func:`~titanax.parallel.tracing.call_model`),

@@ -32,11 +32,30 @@ from titanax.exceptions import ShardingError
 from titanax.parallel.context import constraint_record, sharding_context
 from titanax.parallel.rules import Rules
 
-__all__ = ["CallRecord", "call_model", "tracing_context"]
+__all__ = ["CallRecord", "call_model", "has_explicit_axes", "mesh_context", "tracing_context"]
 
 T = TypeVar("T")
 
 _UNBOUND_AXIS = re.compile(r"unbound axis name:? ['\"]?([^\s'\".,]+)")
+
+
+def has_explicit_axes(mesh: Mesh) -> bool:
+    """Whether any axis of ``mesh`` is ``AxisType.Explicit``."""
+    return any(kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types)
+
+
+def mesh_context(mesh: Mesh) -> contextlib.AbstractContextManager[Any]:
+    """The mesh in context for a mesh with Explicit axes, else nothing: a model written in
+    explicit-sharding style (``out_sharding=P("fsdp", None)``) resolves its axis names against the
+    mesh in context while it is traced. Outside a trace that is ``jax.set_mesh(mesh)`` (eager code,
+    such as making a PRNG key, needs the concrete mesh); inside ``jax.jit``, where JAX refuses
+    ``set_mesh``, the mesh's abstract mesh."""
+    if not has_explicit_axes(mesh):
+        return contextlib.nullcontext()
+    try:
+        return jax.set_mesh(mesh)
+    except ValueError:  # inside jax.jit
+        return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 @contextlib.contextmanager
@@ -44,11 +63,13 @@ def tracing_context(rules: Rules, mesh: Mesh) -> Iterator[None]:
     """What model code sees while Titanax traces it on ``mesh``.
 
     ``tx.constrain`` resolves against ``rules`` and ``mesh``. NNX's eager sharding is off because
-    Titanax, not Flax, places every variable. Flax's own logical rules and ``jax.set_mesh`` are
-    deliberately not entered: with both active, Linen's boxed initializers constrain parameters
-    mid-construction (``DenseGeneral`` under ``nn.scan`` then fails on its flattened kernel).
+    Titanax, not Flax, places every variable. Flax's own logical rules are never entered, nor
+    ``jax.set_mesh`` for an Auto mesh: with both active, Linen's boxed initializers constrain
+    parameters mid-construction (``DenseGeneral`` under ``nn.scan`` then fails on its flattened
+    kernel). A mesh with Explicit axes is set (:func:`mesh_context`): explicit-style model code
+    names mesh axes in ``out_sharding=`` and needs it.
     """
-    with sharding_context(rules, mesh), nnx.use_eager_sharding(False):
+    with sharding_context(rules, mesh), nnx.use_eager_sharding(False), mesh_context(mesh):
         yield
 
 

@@ -39,7 +39,6 @@ from titanax.profiling.hlo import (
 
 __all__ = ["COLLECTIVE_KINDS", "collective_kind", "cost_size", "fusion_bytes", "instruction_cost"]
 
-#: The HLO collective opcodes Titanax counts, in the order tables show them.
 COLLECTIVE_KINDS: tuple[str, ...] = (
     "all-reduce",
     "all-gather",
@@ -49,6 +48,7 @@ COLLECTIVE_KINDS: tuple[str, ...] = (
     "collective-broadcast",
     "ragged-all-to-all",
 )
+"""The HLO collective opcodes Titanax counts, in the order tables show them."""
 
 _KIND_ALTERNATION = "|".join(sorted(COLLECTIVE_KINDS, key=len, reverse=True))
 _OPCODE_PARTS = re.compile(rf"^(?P<kind>{_KIND_ALTERNATION})(?P<suffix>-start|-done)?$")

@@ -75,6 +75,9 @@ def _not_devices(devices: Sequence[Any], culprit: Any) -> MeshError:
     )
 
 
+_AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
     """A named device mesh: which axes, how large, over which devices.
@@ -100,6 +103,13 @@ class MeshSpec:
     devices: tuple[Any, ...] | None = None
     """Devices to lay out (``jax.Device`` objects, not ids), e.g. ``jax.devices()[:4]``; exactly
     these are used. ``None`` means ``jax.devices()`` (all devices of all processes)."""
+
+    axis_types: tuple[str, ...] | str = "auto"
+    """``"auto"`` or ``"explicit"`` per axis (one value for all): Auto axes leave activation
+    layouts to XLA's partitioner, steered by ``tx.constrain``; Explicit axes carry each array's
+    sharding in its type, for models written in JAX's explicit-sharding style (``out_sharding=P(...)``
+    on einsums and linears). Parameters, optimizer state and batches are laid out by the plan
+    either way. Mixed meshes are allowed where JAX allows them."""
 
     def __post_init__(self) -> None:
         axes = self.axes
@@ -218,7 +228,31 @@ class MeshSpec:
                 seen.add(d)
             object.__setattr__(self, "devices", devs)
 
+        kinds = self.axis_types
+        kinds = (kinds,) * len(axes) if isinstance(kinds, (str, AxisType)) else tuple(kinds)
+        names = []
+        for kind in kinds:
+            name = kind.name.lower() if isinstance(kind, AxisType) else str(kind).lower()
+            if name not in _AXIS_TYPES:
+                raise MeshError(
+                    f"MeshSpec axis_types={self.axis_types!r}: {kind!r} is not 'auto' or 'explicit'",
+                    suggestion="use axis_types='explicit' for every axis, or one of 'auto' / 'explicit' per axis",
+                    owner="MeshSpec", field="axis_types", value=self.axis_types)
+            names.append(name)
+        if len(names) != len(axes):
+            raise MeshError(
+                f"MeshSpec axis_types={self.axis_types!r} gives {len(names)} type(s) for the {len(axes)} axes {axes!r}",
+                suggestion="give one type per axis, or a single 'auto' / 'explicit' for all",
+                owner="MeshSpec", field=("axis_types", "axes"), value=(self.axis_types, axes))
+        object.__setattr__(self, "axis_types", names[0] if len(set(names)) == 1 else tuple(names))
+
     # ----------------------------------------------------------------------------------------------
+
+    @property
+    def jax_axis_types(self) -> tuple[AxisType, ...]:
+        """The axis types as ``jax.sharding.AxisType`` values, one per axis."""
+        kinds = (self.axis_types,) * len(self.axes) if isinstance(self.axis_types, str) else self.axis_types
+        return tuple(_AXIS_TYPES[k] for k in kinds)
 
     def _device_list(self) -> list[Any]:
         return list(self.devices) if self.devices is not None else list(jax.devices())
@@ -277,11 +311,11 @@ class MeshSpec:
         return tuple(self.shape)
 
     def build(self) -> Mesh:
-        """Builds the ``jax.sharding.Mesh``, with every axis ``AxisType.Auto``.
+        """Builds the ``jax.sharding.Mesh``, its axes of :attr:`axis_types` (``AxisType.Auto`` by default).
 
         Auto axes let ``jax.jit`` in/out shardings and ``with_sharding_constraint`` drive the GSPMD
-        partitioner, which is how Titanax lays out arrays; ``jax.make_mesh`` itself now defaults
-        to Explicit axes. When the devices span several processes (or TPU slices) a hybrid mesh is
+        partitioner; ``jax.make_mesh`` itself now defaults to Explicit axes, which Titanax builds
+        when asked (``axis_types="explicit"``). When the devices span several processes (or TPU slices) a hybrid mesh is
         built so the outermost axes cross processes and the inner axes stay within one host.
 
         Returns:
@@ -297,7 +331,7 @@ class MeshSpec:
         """
         devs = self._device_list()
         shape = self.resolved_shape(len(devs))
-        axis_types = (AxisType.Auto,) * len(self.axes)
+        axis_types = self.jax_axis_types
         grid = _hybrid_grid(shape, devs)
         if grid is not None:
             return Mesh(grid, self.axes, axis_types=axis_types)
