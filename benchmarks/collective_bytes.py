@@ -120,6 +120,14 @@ def measure(name: str, layers: int = 2, batch: int = 16, seq_len: int = 64) -> d
             counts[key], result_bytes[key] = c.count, c.bytes
             measured[label] = measured.get(label, 0.0) + ring_bytes(kind, c.bytes, math.prod(mesh.shape[a] for a in group))
     minimum = minimum_moved(name, sm.layout, mesh, cfg, batch, seq_len)
+    # XLA:CPU writes a reduce-scatter as an all-reduce whose result each device slices; what the
+    # FSDP step would send with reduce-scatters (as GPU and TPU compilers emit them):
+    as_scatter = None
+    if "fsdp" in mesh.shape:
+        n, reduced = mesh.shape["fsdp"], by_axis.get(("fsdp",), {}).get("all-reduce")
+        if reduced is not None:
+            as_scatter = (sum(measured.values()) - ring_bytes("all-reduce", reduced.bytes, n)
+                          + ring_bytes("reduce-scatter", reduced.bytes / n, n))
 
     batch_ways = math.prod(mesh.shape[a] for a in tx.parallel.batch.batch_axes(plan.resolved_rules(), mesh.shape))
     batch_bytes = tokens.size * 4 // batch_ways
@@ -133,6 +141,8 @@ def measure(name: str, layers: int = 2, batch: int = 16, seq_len: int = 64) -> d
         "moved_bytes": measured, "minimum_moved_bytes": minimum,
         "moved_total": sum(measured.values()), "minimum_total": sum(minimum.values()),
         "collective_ratio": sum(measured.values()) / sum(minimum.values()),
+        "ratio_with_reduce_scatter": None if as_scatter is None else as_scatter / sum(minimum.values()),
+        "param_bytes": sm.layout.total_bytes(), "token_embedding_bytes": sm.layout["wte/embedding"].nbytes,
         "memory": {"arithmetic_bytes": arithmetic, "abstract_state_bytes": abstract,
                    "compiled_state_bytes": compiled_state, "temp_bytes": stats.temp_bytes,
                    "abstract_ratio": abstract / arithmetic, "compiled_ratio": compiled_state / arithmetic},

@@ -65,15 +65,16 @@ def measure(args: argparse.Namespace) -> dict:
             "lower": lowered_at - start, "compile": done - lowered_at}
 
 
-def run_one(args: argparse.Namespace, variant: str, depth: int) -> dict:
-    """:func:`measure` in a fresh Python process (no cache shared); its last output line is the JSON."""
+def run_one(args: argparse.Namespace, variant: str, depth: int, timeout: float | None = None) -> dict:
+    """:func:`measure` in a fresh Python process (no cache shared); its last output line is the JSON.
+    A process still running after ``timeout`` seconds is stopped (``subprocess.TimeoutExpired``)."""
     command = [sys.executable, os.path.abspath(__file__), "--one", str(depth), "--variant", variant,
                "--devices", str(args.devices), "--tensor", str(args.tensor), "--embed", str(args.embed),
                "--heads", str(args.heads), "--seq-len", str(args.seq_len), "--batch", str(args.batch)]
     command += ["--mlp", str(args.mlp)] if args.mlp else []
     env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         sys.stderr.write(done.stdout + done.stderr)
@@ -81,7 +82,8 @@ def run_one(args: argparse.Namespace, variant: str, depth: int) -> dict:
     return json.loads(lines[-1])
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line; ``argument_parser().parse_args([...])`` gives :func:`sweep` its arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[6, 24])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -98,13 +100,12 @@ def main() -> None:
     parser.add_argument("--tensor", type=int, default=4, help="tensor-parallel axis size (data = devices / tensor)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: measure one
     parser.add_argument("--variant", choices=list(VARIANTS), default="scanned", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
 
-    if args.one is not None:
-        print(json.dumps(measure(args)), flush=True)
-        return
 
-    start = time.perf_counter()
+def sweep(args: argparse.Namespace, timeout: float | None = None) -> dict[tuple[str, int], dict]:
+    """Every (variant, depth) measured ``--repeats`` times in fresh processes (rounds alternate
+    the order); the fastest run of each case, with every run's total in ``each``."""
     cases = [(v, d) for v in args.variants for d in args.depths]
     runs: dict[tuple[str, int], list[dict]] = {case: [] for case in cases}
     unrolled_repeats = args.repeats if args.unrolled_repeats is None else args.unrolled_repeats
@@ -113,7 +114,7 @@ def main() -> None:
         for variant, depth in cases if round_ % 2 == 0 else cases[::-1]:
             if round_ >= (unrolled_repeats if variant == "unrolled" else args.repeats):
                 continue
-            r = run_one(args, variant, depth)
+            r = run_one(args, variant, depth, timeout)
             runs[(variant, depth)].append(r)
             print(f"  round {round_ + 1}: {variant} {depth} layers: lower {r['lower']:.2f} s, "
                   f"compile {r['compile']:.2f} s", file=sys.stderr, flush=True)
@@ -123,6 +124,16 @@ def main() -> None:
         fastest = min(rs, key=lambda r: r["lower"] + r["compile"])
         best[case] = {**fastest, "total": fastest["lower"] + fastest["compile"],
                       "each": [r["lower"] + r["compile"] for r in rs]}
+    return best
+
+
+def main() -> None:
+    args = argument_parser().parse_args()
+    if args.one is not None:
+        print(json.dumps(measure(args)), flush=True)
+        return
+    start = time.perf_counter()
+    best = sweep(args)
 
     print(f"GPT training step (AdamW), embed {args.embed}, {args.heads} heads, mlp {args.mlp or 4 * args.embed}, "
           f"seq {args.seq_len}, global batch {args.batch}; DP {args.devices // args.tensor} x TP {args.tensor} "

@@ -71,7 +71,8 @@ def one_device_flops(args: argparse.Namespace, tokens) -> dict[str, float]:
 
     flops = {}
     for layers in (args.layers, args.layers // 2):
-        model = GPT(config(args, unrolled=True, layers=layers), rngs=nnx.Rngs(0))
+        # shapes only (nothing initialized): FLOPs are read from the compiled program
+        model = nnx.eval_shape(lambda: GPT(config(args, unrolled=True, layers=layers), rngs=nnx.Rngs(0)))
         graphdef, params = nnx.split(model, nnx.Param)
         loss = lambda p, t: next_token_loss(nnx.merge(graphdef, p)(t[:, :-1]), t[:, 1:])  # noqa: E731
         for grad in (True, False):
@@ -120,7 +121,8 @@ def build(args: argparse.Namespace, row: dict, tokens):
     return compiled, sm.params, batch, time.perf_counter() - start
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line; ``argument_parser().parse_args([...])`` gives :func:`measure` its arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, default=4, help="pipeline stages p (= devices)")
     parser.add_argument("--microbatches", type=int, nargs="+", default=None, help="m (default 4p)")
@@ -132,20 +134,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="global batch in sequences (fixed; m varies)")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (median kept)")
     parser.add_argument("--steps", type=int, default=2, help="steps per row per timing round")
-    args = parser.parse_args()
-    p = args.stages
-    started = time.perf_counter()
-    tx.simulate_cpu_devices(p)
+    return parser
+
+
+def measure(args: argparse.Namespace, rows=ROWS, deadline: float | None = None) -> tuple[dict, list[dict]]:
+    """Compiles, inspects and times each row of ``rows`` (``(schedule, repeats, recompute, remat)``,
+    gpipe at ``remat="none"`` among them: the time reference) for each ``m``, on the first ``p``
+    devices. Timing rounds stop after ``deadline`` (``time.perf_counter()``), one round at least.
+
+    Returns:
+      ``(parts, rows)``: the one-device FLOPs (``S``, ``S_f``, ``R``, ``G``) and one dict per row
+      with its schedule table, figures and step times (the compiled programs are dropped).
+    """
     import jax
     import numpy as np
 
+    p = args.stages
+    started = time.perf_counter()
     tokens = np.random.default_rng(0).integers(0, config(args).vocab_size, (args.batch, args.seq_len + 1),
                                                dtype=np.int32)
     parts = one_device_flops(args, tokens)
     ideal = parts["G"] / p
-    rows = []
+    measured = []
     for m in args.microbatches or [4 * p]:
-        for schedule, v, recompute, remat in ROWS:
+        for schedule, v, recompute, remat in rows:
             row = {"schedule": schedule, "v": v, "m": m, "recompute": recompute, "remat": remat}
             row["table"] = tx.PP(stages=p, microbatches=m, repeats=v, schedule=schedule).schedule_table()
             row["compiled"], row["params"], row["batch"], row["compile_s"] = build(args, row, tokens)
@@ -153,21 +165,38 @@ def main() -> None:
             row["temp"] = stats.temp_bytes
             row["collectives"] = {k: (c.count, c.bytes) for k, c in stats.collectives.items() if c.count}
             row["flops"], row["recomputed"] = executed(row, parts, p)
-            rows.append(row)
+            measured.append(row)
             print(f"  [{time.perf_counter() - started:4.0f} s] {schedule} v={v} m={m}"
-                  f"{' recompute' if recompute else ''} remat={remat}: compiled in {row['compile_s']:.1f} s", file=sys.stderr)
-    for row in rows:
+                  f"{' recompute' if recompute else ''} remat={remat}: compiled in {row['compile_s']:.1f} s",
+                  file=sys.stderr, flush=True)
+    for row in measured:
         jax.block_until_ready(row["compiled"](row["params"], row["batch"]))
         row["times"] = []
     for round_ in range(args.rounds):
-        for row in rows if round_ % 2 == 0 else rows[::-1]:
+        if round_ and deadline is not None and time.perf_counter() > deadline:
+            break
+        for row in measured if round_ % 2 == 0 else measured[::-1]:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 out = row["compiled"](row["params"], row["batch"])
             jax.block_until_ready(out)
             row["times"].append((time.perf_counter() - t0) / args.steps)
+    gpipe_time = {r["m"]: statistics.median(r["times"]) for r in measured
+                  if r["schedule"] == "gpipe" and r["remat"] == "none"}
+    for r in measured:
+        del r["compiled"], r["params"], r["batch"]
+        r["time"] = statistics.median(r["times"])
+        r["overhead"] = r["flops"] / ideal - 1
+        r["relative"] = r["time"] / gpipe_time[r["m"]]
+        r["stash"] = "-" if r["table"].autodiff else ("recompute" if r["recompute"] else "residuals")
+        r["bubble"] = r["table"].bubble_fraction
+        r["formula"] = (p - 1) / (r["v"] * r["m"] + p - 1)
+        r["ticks"] = r["table"].ticks
+    return parts, measured
 
-    mib = 1 << 20
+
+def print_table(args: argparse.Namespace, parts: dict, rows: list[dict]) -> None:
+    p, ideal, mib = args.stages, parts["G"] / args.stages, 1 << 20
     print(f"GPT gradient step, {args.layers} layers, embed {args.embed}, {args.heads} heads, mlp {args.mlp}, "
           f"seq {args.seq_len}, global batch {args.batch}; p = {p} stages on {p} simulated CPU devices")
     print(f"one-device step {parts['G'] / 1e9:.3f} GFLOP (stack {parts['S'] / parts['G']:.1%}, rest "
@@ -176,42 +205,39 @@ def main() -> None:
     print(f"{'schedule':<11} {'m':>3} {'v':>2} {'stash':>9} {'remat':>9} {'ticks':>5} {'bubble':>6} {'formula':>7} "
           f"{'GFLOP/dev':>9} {'overhd':>7} {'recomp':>6} {'temp MiB':>8} {'permutes':>8} {'other collectives':>18} "
           f"{'ms':>7} {'/gpipe':>6}")
-    gpipe_time = {r["m"]: statistics.median(r["times"]) for r in rows if r["schedule"] == "gpipe" and r["remat"] == "none"}
     for r in rows:
-        p_, m, v = p, r["m"], r["v"]
         permutes = r["collectives"].get("collective-permute", (0, 0))[0]
         other = sum(c for k, (c, _) in r["collectives"].items() if k != "collective-permute")
-        time_ = statistics.median(r["times"])
-        r["overhead"] = r["flops"] / ideal - 1
-        r["relative"] = time_ / gpipe_time[m]
-        mode = "-" if r["table"].autodiff else ("recompute" if r["recompute"] else "residuals")
-        print(f"{r['schedule']:<11} {m:>3} {v:>2} {mode:>9} {r['remat']:>9} {r['table'].ticks:>5} {r['table'].bubble_fraction:>6.1%} "
-              f"{(p_ - 1) / (v * m + p_ - 1):>7.1%} {r['flops'] / 1e9:>9.3f} {r['overhead']:>7.1%} "
+        print(f"{r['schedule']:<11} {r['m']:>3} {r['v']:>2} {r['stash']:>9} {r['remat']:>9} {r['ticks']:>5} "
+              f"{r['bubble']:>6.1%} {r['formula']:>7.1%} {r['flops'] / 1e9:>9.3f} {r['overhead']:>7.1%} "
               f"{r['recomputed'] / ideal:>6.1%} {r['temp'] / mib:>8.2f} {permutes:>8} {other:>18} "
-              f"{time_ * 1e3:>7.1f} {r['relative']:>5.2f}x")
+              f"{r['time'] * 1e3:>7.1f} {r['relative']:>5.2f}x")
     print()
     print("bubble: the table's lockstep idle share of slot time; formula (p-1)/(v m+p-1); overhd: the busiest "
           "device's executed FLOPs over the one-device step / p (recomp: of which recomputed forwards); "
           "permutes / other collectives: per step, loop-aware")
-    print()
+
+
+def print_checks(args: argparse.Namespace, parts: dict, rows: list[dict]) -> None:
+    """PASS/FAIL for each target, on the full set of :data:`ROWS`."""
+    p, ideal, mib = args.stages, parts["G"] / args.stages, 1 << 20
     for m in args.microbatches or [4 * p]:
         by = {(r["schedule"], r["recompute"], r["remat"]): r for r in rows if r["m"] == m}
         for name in ("1f1b", "interleaved"):
             for recompute, remat in ((False, "none"), (False, "save_dots"), (True, "none")):
                 r = by[(name, recompute, remat)]
-                formula = (p - 1) / (r["v"] * m + p - 1)
-                within = r["overhead"] - r["recomputed"] / ideal <= formula + 0.10
+                within = r["overhead"] - r["recomputed"] / ideal <= r["formula"] + 0.10
                 print(f"{'PASS' if within else 'FAIL'}: {name} ({'recompute' if recompute else 'residuals'}, "
                       f"remat {remat}) m={m} "
                       f"executed overhead {r['overhead']:.1%} (recompute {r['recomputed'] / ideal:.1%}) vs formula "
-                      f"{formula:.1%} + 10 points; step time {r['relative']:.2f}x gpipe")
+                      f"{r['formula']:.1%} + 10 points; step time {r['relative']:.2f}x gpipe")
         gpipe, one = by[("gpipe", False, "none")], by[("1f1b", False, "none")]
         print(f"{'PASS' if one['temp'] < gpipe['temp'] else 'FAIL'}: 1f1b temp {one['temp'] / mib:.2f} MiB < gpipe "
               f"{gpipe['temp'] / mib:.2f} MiB at m={m}")
         zb = by[("zbh1", False, "none")]
-        print(f"{'PASS' if zb['table'].bubble_fraction <= one['table'].bubble_fraction / 2 else 'FAIL'}: zbh1 bubble "
-              f"{zb['table'].bubble_fraction:.1%} <= half of 1f1b's {one['table'].bubble_fraction:.1%}")
-        zb_time = statistics.median(zb["times"]) / statistics.median(one["times"])
+        print(f"{'PASS' if zb['bubble'] <= one['bubble'] / 2 else 'FAIL'}: zbh1 bubble "
+              f"{zb['bubble']:.1%} <= half of 1f1b's {one['bubble']:.1%}")
+        zb_time = zb["time"] / one["time"]
         print(f"{'PASS' if zb_time <= 1 else 'FAIL'}: zbh1 step time {zb_time:.2f}x 1f1b's (both at their defaults)")
         for name, limit in (("1f1b", 0.55), ("interleaved", 0.45)):
             for key in ((name, False, "none"), (name, False, "save_dots"), (name, True, "none")):
@@ -223,6 +249,16 @@ def main() -> None:
             r = by[(name, False, "none")]
             bad = {k: c for k, (c, _) in r["collectives"].items() if k in ("all-to-all", "all-gather")}
             print(f"{'PASS' if not bad else 'FAIL'}: {name} v={r['v']} all-to-all / all-gather per step: {bad or 'none'}")
+
+
+def main() -> None:
+    args = argument_parser().parse_args()
+    started = time.perf_counter()
+    tx.simulate_cpu_devices(args.stages)
+    parts, rows = measure(args)
+    print_table(args, parts, rows)
+    print()
+    print_checks(args, parts, rows)
     print(f"benchmark wall time {time.perf_counter() - started:.0f} s")
 
 

@@ -10,8 +10,8 @@ via ``jax.sharding.reshard``, whose transpose is the gradient's reduce-scatter: 
 communication, written out.
 
 Example:
-  >>> compute_spec(P("fsdp", "tensor", None), ("fsdp",))
-  PartitionSpec(None, 'tensor', None)
+  >>> compute_spec(P("fsdp", "tensor", None), ("fsdp",)) == P(None, "tensor", None)
+  True
 """
 
 from __future__ import annotations
