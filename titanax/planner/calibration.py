@@ -138,8 +138,9 @@ def calibrate(mesh: Mesh | None = None, *, repeats: int = 3) -> DeviceSpec:
       The latency is the collective's own: a collective inside a compute stream also waits for
       the slowest device, but that wait scales with the compute between two collectives, not
       with their number. Charging it per collective (as measured between 3 ms matmuls, ~1 ms on
-      simulated CPU devices) overcharged the small kernels of a real step ~5x and ranked GPT
-      tiny's 25 plans worse (Spearman 0.72 against 0.92 with the plain latency, same run).
+      simulated CPU devices) overcharged a real step's small kernels ~5x: on GPT tiny's 25 plans
+      the estimate ranked the measured step times at Spearman 0.70 with it and 0.88 without
+      (``benchmarks/autoplan.py``).
     * ``memory_bytes``: the device's allocation limit, or for CPU the host memory divided among
       its devices; ``devices_per_node``: ``jax.local_device_count()``.
 
