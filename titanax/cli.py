@@ -144,11 +144,22 @@ def run(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices
                                          if value is not None]
     try:
         cfg = _start(config, overrides, cpu_devices)
+        _say_when_one_cpu_device(cfg)
         from titanax.config import train
 
         train(cfg)
     except TitanaxError as error:
         _fail(_with_cpu_devices_hint(error, cfg), debug)
+
+
+def _say_when_one_cpu_device(cfg: Any) -> None:
+    """A run on one CPU device is nearly always ``--cpu-devices`` left out: say so, not silently."""
+    import jax
+
+    if jax.default_backend() == "cpu" and jax.device_count() == 1:
+        want = _mesh_devices(cfg)
+        typer.echo(f"titanax: training on 1 CPU device (no accelerator found, none simulated): every mesh "
+                   f"axis has size 1. To simulate {want} devices: --cpu-devices {want}", err=True)
 
 
 def _mesh_devices(cfg: Any) -> int:

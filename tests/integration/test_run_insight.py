@@ -149,3 +149,29 @@ def test_a_batch_shape_change_mid_run_warns_once_naming_the_argument():
     assert recompiles[0].filename == __file__  # the user's line, not Titanax's
     logged = dict(recorder.rows)
     assert "recompiles" not in logged[4] and logged[6]["recompiles"] == 1 and logged[8]["recompiles"] == 1
+
+
+def test_a_second_fit_past_the_end_says_so(caplog):
+    mesh = tx.MeshSpec(axes=("data",)).build()
+    engine = tx.Engine(mesh=mesh, plan=tx.Plan(data_parallel=tx.DP()), optimizer=tx.optim.sgd(0.1))
+    engine.init(MLP(), example=jnp.ones((16, 3)))
+    data = tx.data.ArrayLoader({"x": np.ones((64, 3), np.float32), "y": np.zeros((64, 1), np.float32)},
+                               batch_size=16, epochs=None)
+    state = engine.fit(regression_step, data, steps=3)
+    with caplog.at_level(logging.WARNING, logger="titanax.engine"):
+        again = engine.fit(regression_step, data, steps=2, state=state)
+    assert int(again.step) == 3
+    assert any("fit(steps=2) has nothing to train: the state is already at step 3" in r.getMessage()
+               and "steps=int(state.step) + 2" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_cli_run_on_one_cpu_device_says_so():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TITANAX_CPU_DEVICES", "XLA_FLAGS", "JAX_PLATFORMS")}
+    result = subprocess.run([sys.executable, "-m", "titanax.cli", "run", "examples/configs/mnist_dp.yaml",
+                             "--set", "train.steps=2", "--set", "optimizer.warmup_steps=1", "--set", "logging.every=1"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "titanax: training on 1 CPU device" in result.stderr and "--cpu-devices 8" in result.stderr, result.stderr

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from titanax.data.loader import this_process
 from titanax.exceptions import ConfigError
 
 __all__ = ["GrainLoader"]
@@ -160,11 +161,7 @@ class GrainLoader(Iterator[Any]):
         self.seed = _check_int("seed", seed, minimum=0, maximum=2**32 - 1)
         self.shuffle = bool(shuffle)
         self.epochs = None if epochs is None else _check_int("epochs", epochs, minimum=1)
-        if process_index is None or process_count is None:
-            import jax  # only when asked: the loader itself is Grain and NumPy
-
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
+        process_index, process_count = this_process(process_index, process_count)
         self.process_count = _check_int("process_count", process_count, minimum=1)
         self.process_index = _check_int("process_index", process_index, minimum=0,
                                         maximum=self.process_count - 1)

@@ -32,6 +32,17 @@ def _check_int(name: str, value: Any, *, minimum: int) -> int:
     return int(value)
 
 
+def this_process(process_index: Any, process_count: Any) -> tuple[Any, Any]:
+    """``(process_index, process_count)`` with a ``None`` taken from JAX (``jax.process_index()``,
+    ``jax.process_count()``); JAX is imported only then, so a loader given both stays JAX-free."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
 class ArrayLoader(Iterator[dict[str, np.ndarray]]):
     """Shuffled, seedable, resumable batches of in-memory arrays, split across processes.
 
@@ -91,11 +102,7 @@ class ArrayLoader(Iterator[dict[str, np.ndarray]]):
         self.shuffle = bool(shuffle)
         self.drop_remainder = bool(drop_remainder)
         self.epochs = None if epochs is None else _check_int("epochs", epochs, minimum=0)
-        if process_index is None or process_count is None:
-            import jax  # only when asked: the loader itself is plain NumPy
-
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
+        process_index, process_count = this_process(process_index, process_count)
         self.process_count = _check_int("process_count", process_count, minimum=1)
         self.process_index = _check_int("process_index", process_index, minimum=0)
         if self.process_index >= self.process_count:

@@ -241,6 +241,10 @@ class Engine:
         start = int(jax.device_get(state.step))
         if start >= steps:
             self.state = state
+            if jax.process_index() == 0:  # no silent no-op: steps is where to stop, not how many
+                _log.warning("fit(steps=%d) has nothing to train: the state is already at step %d. `steps` "
+                             "is the step number to stop at (a resumed run stops at the same end); to train "
+                             "%d more steps, pass steps=int(state.step) + %d", steps, start, steps, steps)
             return state
         self.logger.start(total_steps=steps, start_step=start)
         preempted: list[str] = []
