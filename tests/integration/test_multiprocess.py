@@ -34,11 +34,17 @@ GPT_RUN = [f"train.steps={GPT_STEPS}", "train.eval_every=null", "train.eval_at_s
 
 
 def launch(config: str, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """`titanax launch --nprocs 2 --cpu-devices-per-proc 4 -- titanax run CONFIG --set ...`."""
+    """`.venv/bin/titanax launch --nprocs 2 --cpu-devices-per-proc 4 -- titanax run CONFIG --set ...`,
+    as typed in a fresh shell that never activated the venv: the venv's bin is not on PATH, and the
+    bare `titanax` after `--` must still start the venv's."""
     sets = [arg for o in overrides for arg in ("--set", o)]
-    command = [sys.executable, "-m", "titanax.cli", "launch", "--nprocs", "2", "--cpu-devices-per-proc", "4",
-               "--", sys.executable, "-m", "titanax.cli", "run", config, *sets]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    venv_bin = os.path.dirname(sys.executable)
+    command = [os.path.join(venv_bin, "titanax"), "launch", "--nprocs", "2", "--cpu-devices-per-proc", "4",
+               "--", "titanax", "run", config, *sets]
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and os.path.abspath(d) != os.path.abspath(venv_bin))
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PATH": path or "/usr/bin:/bin"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 

@@ -217,7 +217,17 @@ def _validate(
             f"grace_s={grace_s!r} must be a number of seconds, at least 0",
             suggestion="use e.g. grace_s=10 (0 kills at once)",
         )
-    return argv
+    return [_own_program(argv[0]), *argv[1:]]
+
+
+def _own_program(program: str) -> str:
+    """A bare program name runs from the launcher's own environment first: ``.venv/bin/titanax
+    launch -- titanax run ...`` from a shell that never activated the venv starts the venv's
+    ``titanax`` (and its ``python3``), not whatever ``PATH`` finds, or nothing."""
+    if os.sep in program or (os.altsep and os.altsep in program):
+        return program
+    own = os.path.join(os.path.dirname(sys.executable), program)
+    return own if os.path.isfile(own) and os.access(own, os.X_OK) else program
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -387,8 +397,9 @@ def launch(
                 except OSError as e:
                     raise DistributedError(
                         f"cannot start {argv[0]!r} for process {i}: {e.strerror or e}",
-                        suggestion="check the program name and that it is on PATH and executable "
-                        f"(e.g. python3 train.py rather than {argv[0]})",
+                        suggestion="check the program name: a bare name is looked up in the "
+                        f"launcher's environment ({os.path.dirname(sys.executable)}), then on PATH; "
+                        "give a path otherwise",
                     ) from e
                 procs.append(proc)
                 out.line(f"{_PREFIX} started process {i} of {nprocs} (pid {proc.pid})")
