@@ -17,6 +17,10 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
 _XLA_CACHE = tempfile.mkdtemp(prefix="titanax-tests-xla-cache-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+# `titanax run` writes a run directory per run (runs/<name>-<time>/ by default): tests write theirs here.
+_RUNS = tempfile.mkdtemp(prefix="titanax-tests-runs-")
+atexit.register(shutil.rmtree, _RUNS, ignore_errors=True)
+os.environ.setdefault("TITANAX_RUNS", _RUNS)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "tests"))  # `import models` from any test
 sys.path.insert(0, os.path.dirname(__file__))  # `import examples.<name>.<module>`
 

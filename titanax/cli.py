@@ -124,6 +124,9 @@ def run(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices
             "(logging.profile_steps; TensorBoard's profile plugin or ui.perfetto.dev reads it).")] = None,
         profile_dir: Annotated[Optional[str], typer.Option(
             "--profile-dir", metavar="DIR", help="Where the trace goes (logging.profile_dir, default profile).")] = None,
+        run_dir: Annotated[Optional[str], typer.Option(
+            "--run-dir", metavar="DIR",
+            help="Write (or resume) the run in DIR instead of a new runs/<name>-<time>/ (output.dir).")] = None,
         compile_cache: Annotated[Optional[str], typer.Option(
             "--compile-cache", metavar="DIR",
             help="Keep compiled programs in DIR (JAX's persistent cache; train.compile_cache): a restarted "
@@ -131,23 +134,32 @@ def run(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices
         debug: Debug = False) -> None:
     """Train the run a configuration describes.
 
-    Resumes from the latest checkpoint in checkpoint.dir, if any. Under `titanax launch` (or SLURM,
+    Writes a new run directory, runs/<name>-<time>/ (output.root, output.name; --run-dir to name it):
+    the resolved config.yaml, metrics.csv, tensorboard/, checkpoints/ and profile/, for whichever of
+    logging.csv, logging.tensorboard, checkpoint.dir and logging.profile_dir the configuration
+    leaves unset. Resumes from the latest checkpoint in checkpoint.dir, if any (--run-dir DIR resumes
+    the run in DIR). Under `titanax launch` (or SLURM,
     Open MPI, Kubernetes) every process runs this same command and joins one jax.distributed job.
     """
     from titanax.exceptions import TitanaxError
 
     cfg = None
     flags = {"logging.profile_steps": profile_steps, "logging.profile_dir": profile_dir,
-             "train.compile_cache": compile_cache}
+             "train.compile_cache": compile_cache, "output.dir": run_dir}
     # quoted: YAML would read an unquoted 5:8 as the base-60 number 308
     overrides = list(overrides or []) + [f"{key}={json.dumps(value)}" for key, value in flags.items()
                                          if value is not None]
     try:
         cfg = _start(config, overrides, cpu_devices)
         _say_when_one_cpu_device(cfg)
-        from titanax.config import train
+        import jax
 
-        train(cfg)
+        from titanax.config import resolve_run_directory, train
+
+        where = resolve_run_directory(cfg, name=os.path.splitext(os.path.basename(config))[0])
+        train(cfg, run_directory=where)
+        if where is not None and jax.process_index() == 0:
+            typer.echo(f"run directory: {where.path}")
     except TitanaxError as error:
         _fail(_with_cpu_devices_hint(error, cfg), debug)
 
@@ -326,7 +338,8 @@ def launch(
 
     Like torchrun --standalone: each process gets TITANAX_COORDINATOR_ADDRESS, TITANAX_NUM_PROCESSES and TITANAX_PROCESS_ID
     (read by titanax.runtime.initialize(), which `titanax run` calls). Output is streamed with a
-    [pN] prefix. If one process fails, the others are stopped and its exit code is returned.
+    [pN] prefix (without the collective runtime's per-rank connection lines unless --debug). If one
+    process fails, the others are stopped and its exit code is returned.
     Each process waits at most TITANAX_INIT_TIMEOUT seconds (default 120) for the others to start.
     """
     from titanax.exceptions import TitanaxError
@@ -334,7 +347,7 @@ def launch(
 
     try:
         code = launch_local(list(command), nprocs=nprocs, cpu_devices_per_proc=cpu_devices_per_proc,
-                            port=port, grace_s=grace)
+                            port=port, grace_s=grace, verbose=debug)
     except TitanaxError as error:
         _fail(error, debug)
     raise typer.Exit(code)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import html as _html
 import os
 import pathlib
+from typing import Any
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from titanax.exceptions import TitanaxError
@@ -236,6 +237,10 @@ class Report(str):
 
     def _repr_html_(self) -> str:
         return fragment(f"<h1>{escape(self.title)}</h1>\n{self.body}")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """A cell's last expression in a text console (IPython): the text as printed, not a quoted string."""
+        printer.text(str(self))
 
     def save(self, path: str | os.PathLike[str]) -> pathlib.Path:
         """Write :meth:`html` to ``path`` (parent directories created).

@@ -110,8 +110,13 @@ def test_checkpoint_written_by_one_process_resumes_in_two(one_process_mnist, tmp
 
 def test_two_processes_match_one_process_on_gpt_dp_tp(tmp_path):
     train(load(GPT, [*GPT_RUN, f"logging.csv={tmp_path / 'one.csv'}"]))
-    launch(GPT, [*GPT_RUN, f"logging.csv={tmp_path / 'two.csv'}"])
+    result = launch(GPT, [*GPT_RUN, f"logging.csv={tmp_path / 'two.csv'}", f"output.root={tmp_path / 'runs'}"])
     assert_same_losses(losses(tmp_path / "two.csv"), losses(tmp_path / "one.csv"), range(1, GPT_STEPS + 1))
+    # both processes wrote the same run directory (process 0 named it): its checkpoint is whole
+    run_dir, = (tmp_path / "runs").iterdir()
+    assert (run_dir / "checkpoints" / str(GPT_STEPS) / "commit_success.txt").exists()
+    assert f"[p0] run directory: {run_dir}" in result.stdout
+    assert "[Gloo]" not in result.stdout  # the runtime's per-rank chatter stays out (--debug shows it)
 
 
 def test_killing_one_process_stops_the_launcher_and_names_it():

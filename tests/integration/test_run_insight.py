@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import warnings
 
 import jax
@@ -56,6 +57,7 @@ def gpt_runs(tmp_path, monkeypatch, compile_cache_restored):
         level, logger.level = logger.level, logging.INFO
         try:
             result = runner.invoke(app, ["run", "examples/configs/gpt_tiny_dp2_tp4.yaml", *SHORT,
+                                         "--set", f"output.root={tmp_path / 'runs'}",
                                          "--compile-cache", str(tmp_path / "cache"), *extra])
         finally:
             logger.removeHandler(handler)
@@ -103,6 +105,57 @@ def test_gpt_run_profile_compile_report_and_cache(gpt_runs):
     assert "persistent cache: 0 hit(s)" in first, first
     assert "persistent cache: 1 hit(s)" in second or "persistent cache: 2 hit(s)" in second, second
     assert "RecompileWarning" not in first + second
+
+
+def _number(text: str) -> float:
+    """``22.3k`` -> 22300.0: the step lines' numbers."""
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(text[-1], 1.0)
+    return float(text[:-1] if scale != 1.0 else text) * scale
+
+
+def test_a_cli_run_leaves_a_run_directory_and_step_lines_people_can_trust(gpt_runs):
+    import csv
+
+    tmp_path, (_, output) = gpt_runs
+    first_dir, second_dir = sorted(glob.glob(str(tmp_path / "runs" / "gpt_tiny_dp2_tp4-*")))  # one per run
+    run_dir = pathlib.Path(second_dir)
+    assert f"run directory: {run_dir} (config.yaml, metrics.csv, tensorboard/, checkpoints/)" in output, output
+    # the resolved configuration, which runs as it is
+    cfg = tx.config.load(str(run_dir / "config.yaml"))
+    assert cfg.train.steps == 8 and cfg.checkpoint.dir == str(run_dir / "checkpoints")
+    assert cfg.logging.csv == str(run_dir / "metrics.csv") and cfg.output.dir == str(run_dir)
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [4, 8]
+    assert all(float(r["lr"]) > 0 and float(r["grad_norm"]) > 0 for r in rows)
+    events = glob.glob(str(run_dir / "tensorboard" / "events.out.tfevents.*"))
+    assert len(events) == 1 and b"grad_norm" in pathlib.Path(events[0]).read_bytes()
+    assert (run_dir / "checkpoints" / "8").is_dir()
+    assert "checkpoint of step 8 being written to " + str(run_dir / "checkpoints") in output
+    # step lines: loss to 4 digits, learning rate, gradient norm; examples/s, tokens/s, steps/s and
+    # the ETA from the same interval (batch 32 of 64 tokens)
+    lines = [line for line in output.splitlines() if re.match(r"step \d+/", line)]
+    assert [line.split(" |")[0] for line in lines] == ["step 4/8", "step 8/8"], output
+    for line in lines:
+        items = {}
+        for item in line.split(" | ")[1:]:
+            value, _, unit = item.partition(" ")
+            key, _, number = item.partition(" ")
+            if unit in ("examples/s", "tokens/s", "steps/s"):
+                items[unit] = _number(value)
+            else:
+                items[key] = number
+        assert len(items["loss"].replace(".", "").lstrip("0")) == 4, line  # 4 significant digits
+        assert float(items["lr"]) > 0 and float(items["grad_norm"]) > 0, line
+        steps_per_s = items["steps/s"]
+        assert items["examples/s"] == pytest.approx(32 * steps_per_s, rel=0.01), line
+        assert items["tokens/s"] == pytest.approx(64 * 32 * steps_per_s, rel=0.01), line
+    step4 = lines[0]
+    eta = step4.rsplit("eta ", 1)[1]
+    h, m, sec = (int(x) for x in eta.split(":"))
+    rate = _number(step4.split(" steps/s")[0].rsplit("| ", 1)[1])
+    assert h * 3600 + m * 60 + sec == pytest.approx(4 / rate, abs=1.0), step4
+    assert "training 133.38 k parameters on 8 devices from step 0 to 8" in output, output
+    assert "trained steps 1-8 in " in output and "16.38 k tokens (256 examples)" in output, output
 
 
 class MLP(nn.Module):

@@ -169,43 +169,50 @@ def test_format_metrics_numbers():
          "tokens": 4096, "mfu": 0.4123, "mem_bytes": 3 * 2**30, "bad": float("nan")},
         total_steps=1000,
     )
-    assert line == ("step 120/1000 | loss 0.4123 | accuracy 0.9125 | 1.23e+04 examples/s | lr 3e-05"
-                    " | big 1.235e+05 | tokens 4096 | mfu 41.2% | mem_bytes 3.00 GiB | bad nan")
+    assert line == ("step 120/1000 | loss 0.4123 | accuracy 0.9125 | 12.3k examples/s | lr 3.00e-05"
+                    " | big 123k | tokens 4096 | mfu 41.2% | mem_bytes 3.00 GiB | bad nan")
+    # people's numbers: a loss to 4 significant digits with its zeros, rates with SI suffixes
+    assert format_metrics(1, {"loss": 3.0, "tokens_per_s": 22_340.0, "grad_norm": 0.0}) == (
+        "step 1 | loss 3.000 | 22.3k tokens/s | grad_norm 0")
+    assert format_metrics(1, {"loss": 1234.5, "x": 0.1}) == "step 1 | loss 1234 | x 0.1000"
     assert format_metrics(5, {"tokens": 12_345_678}) == "step 5 | tokens 12.35 M"
 
 
 def test_basic_plain_lines_with_rate_and_eta():
     out = io.StringIO()
-    # start at t=0; step 1 (with compile) at t=5; then one step per second.
-    lg = Basic(stream=out, clock=FakeClock([0.0, 5.0, 6.0, 7.0, 13.0]))
-    lg.start(total_steps=10)
+    # step 1 (after the compile) at t=5, then one step per second, then 7 steps in 6 s.
+    lg = Basic(stream=out, clock=FakeClock([5.0, 6.0, 7.0, 13.0, 14.0]))
+    lg.start(total_steps=12)
     for s in (1, 2, 3):
         lg.log(s, {"loss": 1.0 / s, "examples_per_s": 12345.0})
     lg.log(10, {"loss": 0.1})
+    lg.log(11, {"loss": 0.1, "steps_per_s": 0.25})  # a meter's rate wins over the logger's clock
     lg.close()
     lines = out.getvalue().splitlines()
     assert lines == [
-        "step 1/10 | loss 1 | 1.234e+04 examples/s | 5 s/step | eta 0:00:45",  # measured from start()
-        "step 2/10 | loss 0.5 | 1.234e+04 examples/s | 1 steps/s | eta 0:00:08",  # from step 1 on
-        "step 3/10 | loss 0.3333 | 1.234e+04 examples/s | 1 steps/s | eta 0:00:07",
-        "step 10/10 | loss 0.1 | 1.12 steps/s | eta 0:00:00",
+        "step 1/12 | loss 1.000 | 12.3k examples/s",  # its interval holds the compile: no rate
+        "step 2/12 | loss 0.5000 | 12.3k examples/s | 1.00 steps/s | eta 0:00:10",
+        "step 3/12 | loss 0.3333 | 12.3k examples/s | 1.00 steps/s | eta 0:00:09",
+        "step 10/12 | loss 0.1000 | 1.17 steps/s | eta 0:00:02",  # over the interval since step 3
+        "step 11/12 | loss 0.1000 | 4.00 s/step | eta 0:00:04",
     ]
 
 
 def test_basic_resumed_run_counts_from_start_step():
     out = io.StringIO()
-    lg = Basic(stream=out, clock=FakeClock([0.0, 2.0, 4.0]))
+    lg = Basic(stream=out, clock=FakeClock([2.0, 4.0]))
     lg.start(total_steps=1000, start_step=500)
     lg.log(600, {"loss": 0.5})
     lg.log(700, {"loss": 0.4})
-    assert out.getvalue().splitlines()[-1] == "step 700/1000 | loss 0.4 | 50 steps/s | eta 0:00:06"
+    assert out.getvalue().splitlines() == ["step 600/1000 | loss 0.5000",
+                                           "step 700/1000 | loss 0.4000 | 50.0 steps/s | eta 0:00:06"]
 
 
 def test_basic_without_progress_or_start(capsys):
     lg = Basic(progress=False)  # default stream: sys.stdout at write time (captured here)
     lg.log(1, {"loss": 2.5})
     lg.close()
-    assert capsys.readouterr().out == "step 1 | loss 2.5\n"
+    assert capsys.readouterr().out == "step 1 | loss 2.500\n"
 
 
 def test_basic_every(capsys):
@@ -229,7 +236,7 @@ def test_basic_progress_bar_on_a_terminal():
     lg.close()  # idempotent
     text = out.getvalue()
     assert lg._bar is None
-    assert "step 2/4 | loss 0.5 | 2 steps/s | eta 0:00:01" in text  # the line, above the bar
+    assert "step 2/4 | loss 0.5000 | 2.00 steps/s | eta 0:00:01" in text  # the line, above the bar
     assert "100%" in text and "eta 0:00:00" in text  # the bar at the end
 
 
@@ -408,7 +415,7 @@ def test_throughput_meter_rates():
                         num_devices=8, peak_flops_per_device=1e15)
     assert m.update(100, now=10.0) == {}  # first call starts the clock
     r = m.update(110, now=15.0)  # 10 steps in 5 s
-    assert r == {"examples_per_s": 64.0, "tokens_per_s": 32768.0, "mfu": pytest.approx(0.5)}
+    assert r == {"steps_per_s": 2.0, "examples_per_s": 64.0, "tokens_per_s": 32768.0, "mfu": pytest.approx(0.5)}
     r = m.update(111, now=17.0)  # only the last interval counts
     assert r["examples_per_s"] == 16.0 and r["mfu"] == pytest.approx(0.125)
     assert m.update(50, now=20.0) == {}  # a restart at an earlier step restarts the clock
@@ -420,11 +427,11 @@ def test_throughput_meter_rates():
 def test_throughput_meter_without_flops_or_tokens():
     m = ThroughputMeter(examples_per_step=8, num_devices=1, flops_per_step=1e9)  # no peak: no mfu
     m.update(0, now=0.0)
-    assert m.update(4, now=2.0) == {"examples_per_s": 16.0}
+    assert m.update(4, now=2.0) == {"steps_per_s": 2.0, "examples_per_s": 16.0}
     assert m.update(4, now=3.0) == {}  # step did not advance
     assert m.update(5, now=3.0) == {}  # clock did not move
     m.update(1, now=None)  # the default clock
-    assert set(m.update(2)) == {"examples_per_s"}
+    assert set(m.update(2)) == {"steps_per_s", "examples_per_s"}
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -1013,3 +1013,28 @@ ENTRY %main (i: s32[], x: f32[8]) -> f32[8] {
     totals = count_collectives(text)
     for kind in COLLECTIVE_KINDS:
         assert sum((d[kind] for d in by_axis.values()), CollectiveStats()) == totals[kind]
+
+
+def test_a_conditional_under_busy_scope_counts_each_branch_by_its_share():
+    # A loop of 10 ticks whose slot computes a 64x64 matmul (2 * 64**3 FLOPs) on 4 of them: the
+    # program says so through the scope's name, and the count follows it rather than charging the
+    # matmul on every tick.
+    from titanax.parallel.busy import busy_scope
+
+    def program(share: tuple[int, int] | None):
+        def tick(h, busy):
+            def run():
+                return jax.lax.cond(busy, lambda x: jnp.tanh(x @ x), lambda x: jnp.zeros_like(x), h)
+            if share is None:
+                return run(), None
+            with busy_scope("forward", *share):
+                return run(), None
+        busy = jnp.arange(10) % 5 < 2  # 4 of 10
+        return jax.jit(lambda h: jax.lax.scan(tick, h, busy)[0]).lower(jnp.ones((64, 64))).compile()
+
+    heaviest, weighted = tx.profiling.inspect(program(None)), tx.profiling.inspect(program((4, 10)))
+    matmul = 2 * 64**3
+    assert heaviest.conditionals == 1 and heaviest.flops >= 10 * matmul
+    assert weighted.conditionals == 0
+    assert weighted.flops == pytest.approx(heaviest.flops - 6 * matmul, rel=0.01)
+    assert weighted.transcendentals == pytest.approx(4 * 64 * 64, rel=0.01)

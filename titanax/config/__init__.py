@@ -11,6 +11,7 @@ The same file runs from the command line: ``titanax run examples/configs/mnist_d
 from titanax.config.imports import import_object
 from titanax.config.loader import from_dict, load
 from titanax.config.run import Prepared, prepare, train
+from titanax.config.run_dir import RunDirectory, resolve_run_directory
 from titanax.config.schema import (
     CheckpointConfig,
     DataConfig,
@@ -20,6 +21,7 @@ from titanax.config.schema import (
     MeshConfig,
     ModelConfig,
     OptimizerConfig,
+    OutputConfig,
     PipelineParallelConfig,
     PlanConfig,
     PrecisionConfig,
@@ -32,5 +34,5 @@ __all__ = [
     "load", "from_dict", "prepare", "train", "Prepared", "import_object", "RunConfig", "MeshConfig",
     "PlanConfig", "DataParallelConfig", "FSDPConfig", "TensorParallelConfig", "PipelineParallelConfig",
     "ModelConfig", "DataConfig", "OptimizerConfig", "PrecisionConfig", "CheckpointConfig", "LoggingConfig",
-    "TrainConfig",
+    "TrainConfig", "OutputConfig", "RunDirectory", "resolve_run_directory",
 ]

@@ -19,6 +19,7 @@ from titanax.config.imports import (
     qualified_name,
 )
 from titanax.config.keys import keyed
+from titanax.config.run_dir import RunDirectory, config_values
 from titanax.config.schema import RunConfig
 from titanax.data.source import DataSource
 from titanax.exceptions import ConfigError
@@ -247,7 +248,7 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True,
     with keyed("checkpoint"):
         checkpointer = cfg.checkpoint.build() if checkpoint else None
     with keyed("logging"):
-        built_loggers = cfg.logging.build() if loggers else ()
+        built_loggers = cfg.logging.build(run_config=config_values(cfg)) if loggers else ()
     with keyed():
         engine = Engine(
             mesh=mesh, plan=plan, optimizer=optimizer,
@@ -255,17 +256,20 @@ def prepare(cfg: RunConfig, *, loggers: bool = True, checkpoint: bool = True,
             loggers=built_loggers, log_every=cfg.logging.every,
             flops_per_example=cfg.logging.flops_per_example, tokens_per_example=source.tokens_per_example,
             peak_flops=cfg.logging.peak_flops, on_nonfinite=cfg.train.on_nonfinite,
-            profile_steps=cfg.logging.profile_steps, profile_dir=cfg.logging.profile_dir)
+            profile_steps=cfg.logging.profile_steps, profile_dir=cfg.logging.profile_dir or "profile")
     return Prepared(config=cfg, engine=engine, model=model, model_example=example, source=source, step=step,
                     eval_step=eval_step, eval_summary=eval_summary)
 
 
-def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, float]:
+def train(cfg: RunConfig, *, echo: Callable[[str], None] = print,
+          run_directory: RunDirectory | None = None) -> dict[str, float]:
     """Train the run a configuration describes (``titanax run``).
 
     Args:
       cfg: the run configuration.
       echo: where process 0's summary lines go.
+      run_directory: write this run directory (:func:`~titanax.config.resolve_run_directory`; its
+        configuration replaces ``cfg``) once the run is built.
 
     Returns:
       ``step`` (the last one), the final evaluation metrics (``eval/...``) when ``train.eval_step``
@@ -273,8 +277,12 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, f
     """
     import jax
 
+    cfg = run_directory.config if run_directory is not None else cfg
     run = prepare(cfg)
     say = echo if jax.process_index() == 0 else (lambda _line: None)
+    if run_directory is not None:
+        run_directory.create()
+        say(run_directory.describe())
     engine = run.engine
     state = run.init()
     if run.source.description:

@@ -19,6 +19,7 @@ fields that :mod:`titanax.config.keys` turns into YAML keys.
 from __future__ import annotations
 
 import dataclasses
+import os
 import inspect
 import typing
 from typing import Any, Optional
@@ -278,10 +279,15 @@ class LoggingConfig:
     """Model FLOPs per example for MFU; ``None`` reads XLA's cost analysis when the peak is known."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s of one device for MFU; ``None`` looks the device kind up."""
+    wandb: Optional[dict[str, Any]] = None
+    """Also log to Weights & Biases: ``tx.logging.WandB``'s arguments (``{project: my-project, mode:
+    offline}``; needs ``titanax[wandb]``). ``titanax run`` puts W&B's files in the run directory and
+    hands it the resolved configuration."""
     profile_steps: Optional[str] = None
     """``"first:stop"``, quoted: trace these steps with ``jax.profiler`` (``"5:8"``: steps 5, 6, 7)."""
-    profile_dir: str = "profile"
-    """Where the profiler trace goes (TensorBoard's ``--logdir``)."""
+    profile_dir: Optional[str] = None
+    """Where the profiler trace goes (TensorBoard's ``--logdir``); ``None``: ``profile/`` in the run
+    directory (``profile`` without one)."""
 
     def __post_init__(self) -> None:
         _positive(LoggingConfig, "logging", every=self.every)
@@ -298,14 +304,53 @@ class LoggingConfig:
             except ConfigError as error:
                 raise error.replace(owner="LoggingConfig", field="profile_steps") from None
 
-    def build(self) -> list[Any]:
-        """The loggers: ``Basic``, and ``CSV`` / ``TensorBoard`` when their paths are set."""
+    def build(self, run_config: Optional[dict[str, Any]] = None) -> list[Any]:
+        """The loggers: ``Basic``, and ``CSV`` / ``TensorBoard`` / ``WandB`` when set; ``run_config``
+        is the configuration W&B shows with the run."""
         loggers: list[Any] = [tx_logging.Basic(progress=self.progress)]
         if self.csv:
             loggers.append(tx_logging.CSV(self.csv))
         if self.tensorboard:
             loggers.append(tx_logging.TensorBoard(self.tensorboard))
+        if self.wandb is not None:
+            arguments = dict(self.wandb)
+            if run_config is not None:
+                arguments.setdefault("config", run_config)
+            try:
+                loggers.append(tx_logging.WandB(**arguments))
+            except TypeError as error:
+                raise ConfigError(f"logging.wandb: {error}", suggestion="give tx.logging.WandB's arguments: "
+                                  "project, name, mode, dir, and wandb.init's", owner="LoggingConfig",
+                                  field="wandb", value=self.wandb) from None
         return loggers
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class OutputConfig:
+    """The run directory ``titanax run`` writes (``<root>/<name>-<time>/``): the resolved
+    configuration, and every output left unset elsewhere — the metrics CSV, TensorBoard events,
+    checkpoints, profiler traces."""
+
+    enabled: bool = True
+    """Write a run directory; ``false``: only the outputs the configuration names."""
+    root: Optional[str] = None
+    """Where run directories go; ``None``: ``$TITANAX_RUNS``, else ``runs``."""
+    name: Optional[str] = None
+    """The run's name, the directory's prefix; ``None``: the configuration file's name."""
+    dir: Optional[str] = None
+    """This directory instead of a new one (``--run-dir``): to resume a run, give the directory it
+    printed; its ``checkpoints/`` are where it continues from."""
+
+    def __post_init__(self) -> None:
+        for field in ("root", "name", "dir"):
+            value = getattr(self, field)
+            if value is not None and not str(value).strip():
+                raise ConfigError(f"output.{field} is empty", suggestion=f"remove output.{field} or give a path",
+                                  owner="OutputConfig", field=field, value=value)
+        if self.name is not None and ("/" in self.name or os.sep in self.name):
+            raise ConfigError(f"output.name={self.name!r} holds a path separator",
+                              suggestion="give a plain name; set output.root for where run directories go",
+                              owner="OutputConfig", field="name", value=self.name)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -375,6 +420,8 @@ class RunConfig:
     """Checkpoints (off unless ``checkpoint.dir`` is set)."""
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     """Loggers and MFU inputs."""
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    """The run directory (``titanax run``)."""
 
     def __post_init__(self) -> None:
         every = self.train.eval_every

@@ -16,7 +16,7 @@ from typing import Any, Union
 import jax
 from jax.sharding import AxisType
 
-from titanax.exceptions import CollectiveError, TitanaxWarning
+from titanax.exceptions import CollectiveError, TitanaxWarning, user_stacklevel
 from titanax.parallel.manual import varying_axes
 
 __all__ = ["AxisName", "axes_size", "check_axes", "dimension_argument", "int_argument", "jax_axis",
@@ -137,7 +137,7 @@ def refuse_already_reduced(op: str, x: Any, names: tuple[str, ...]) -> None:
             suggestion="reduce each value once (grads = tx.collectives.pmean(grads, axis) alone); if "
             f"the multiple is intended, write x * tx.collectives.axis_size({axis!r})")
     warnings.warn(f"{message}: the mean returns it unchanged; if an earlier psum reduced it, it is a "
-                  "sum, not a mean. Reduce each value once.", TitanaxWarning, stacklevel=3)
+                  "sum, not a mean. Reduce each value once.", TitanaxWarning, stacklevel=user_stacklevel())
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:

@@ -22,12 +22,13 @@ from titanax.data import DevicePrefetcher, to_global
 from titanax.io.checkpoint import CheckpointStrategy
 from titanax.exceptions import ConfigError, PlanError, TitanaxError
 from titanax.exec.nonfinite import NonFiniteWatch, default_limit
+from titanax.exec.run_report import report_end, report_first_step, report_plan
 from titanax.exec.precision import Precision
 from titanax.exec.state import TrainState, create_train_state
 from titanax.exec.step import StepFunction, layout_key, scalar_metrics, step_fn
 from titanax.exec.trace import ProfileWindow
 from titanax.logging import Logger, MultiLogger, ThroughputMeter, peak_flops_per_device
-from titanax.parallel.layout import bytes_per_device
+from titanax.optim.learning_rate import learning_rate
 from titanax.parallel.plan import Plan
 from titanax.parallel.resolve import resolve_mesh, resolve_rules
 from titanax.parallel.shard import shard
@@ -38,6 +39,9 @@ _log = logging.getLogger("titanax.engine")
 
 __all__ = ["Engine", "Hook"]
 
+
+_ADDED = ("grad_norm", "skipped_steps", "loss_scale")
+"""Metrics the step adds to the user's (see ``StepFunction``)."""
 
 Hook = Callable[[int, TrainState, Mapping[str, float]], None]
 """Called at every log interval with the step, the state and the fetched metrics."""
@@ -153,7 +157,8 @@ class Engine:
           model: a ``tx.shard`` result on this engine's mesh, or a Flax model (Linen module, NNX
             module or factory) to shard with the engine's plan; the engine then hands the
             parameters it created to the state without a copy.
-          example: Linen only: an input batch (or tuple of inputs) to initialize from.
+          example: Linen: an input batch (or tuple of inputs) to initialize from; an NNX model needs
+            none (one given is not used).
           rng: seed or key for initialization and the per-step PRNG.
           params: existing parameters instead of initializing.
           example_kwargs: Linen only: keyword arguments for ``init``.
@@ -247,14 +252,19 @@ class Engine:
                              "%d more steps, pass steps=int(state.step) + %d", steps, start, steps, steps)
             return state
         self.logger.start(total_steps=steps, start_step=start)
+        if jax.process_index() == 0:
+            report_plan(step, state, self.mesh, start, steps)
+        started = time.perf_counter()
         preempted: list[str] = []
         self.stopped_by = None
         with contextlib.ExitStack() as stack:
             if self.checkpoint is not None:
                 stack.enter_context(_catch_preemption(preempted))
-            state = self._loop(step, state, batches, start, steps, eval_step, eval_data, eval_every,
-                               eval_summary, hooks, preempted)
+            state, meter = self._loop(step, state, batches, start, steps, eval_step, eval_data, eval_every,
+                                      eval_summary, hooks, preempted)
         self.state = state
+        if jax.process_index() == 0 and meter is not None:
+            report_end(start, int(jax.device_get(state.step)), time.perf_counter() - started, meter)
         if preempted:
             self.stopped_by = preempted[0]
             where = getattr(self.checkpoint, "directory", "the checkpoint directory")
@@ -264,7 +274,8 @@ class Engine:
 
     def _loop(self, step: StepFunction, state: TrainState, batches: Iterator[Any], start: int,
               steps: int, eval_step: Any, eval_data: Any, eval_every: int | None,
-              eval_summary: Any, hooks: Sequence[Hook], preempted: list[str]) -> TrainState:
+              eval_summary: Any, hooks: Sequence[Hook],
+              preempted: list[str]) -> tuple[TrainState, ThroughputMeter | None]:
         meter: ThroughputMeter | None = None
         pending: list[dict[str, jax.Array]] = []
         # (step, metrics) dispatched but not yet seen complete; checked for non-finite values as
@@ -299,12 +310,17 @@ class Engine:
                 if current == start + 1:  # start the clock after compilation
                     jax.block_until_ready(metrics)
                     meter.update(current)
-                    self._report_start(step, state, compiles_before, time.perf_counter() - dispatched)
+                    if jax.process_index() == 0:
+                        report_first_step(step, state, self.mesh, compiles_before,
+                                          time.perf_counter() - dispatched)
                 last = current >= steps or bool(preempted)
                 logged = None
                 if current % self.log_every == 0 or last:
                     settle(0)
                     logged = self._fetch(pending)
+                    lr = learning_rate(state.optimizer, state.opt_state)
+                    if lr is not None:
+                        logged["lr"] = lr
                     logged.update(meter.update(current))
                     if step.compile_watch.recompiles:
                         logged["recompiles"] = float(step.compile_watch.recompiles)
@@ -321,9 +337,13 @@ class Engine:
                         hook(current, state, logged)
                 if self.checkpoint is not None and _save_due(self.checkpoint, current, last):
                     settle(0)  # never write a checkpoint while a bad step may be unseen
-                    self.checkpoint.maybe_save(current, state, data_state=_data_state(batches),
-                                               force=last, metrics=logged,
-                                               meta={"plan": repr(self.plan or self.rules)})
+                    saved = self.checkpoint.maybe_save(current, state, data_state=_data_state(batches),
+                                                       force=last, metrics=logged,
+                                                       meta={"plan": repr(self.plan or self.rules)})
+                    if saved and jax.process_index() == 0:
+                        _log.info("checkpoint of step %d %s %s", current,
+                                  "being written to" if getattr(self.checkpoint, "async_save", False)
+                                  else "written to", getattr(self.checkpoint, "directory", "the checkpoint"))
                 if last:
                     break
             else:
@@ -339,24 +359,7 @@ class Engine:
             if self.checkpoint is not None:
                 self.checkpoint.wait()
             self.logger.close()
-        return state
-
-    def _report_start(self, step: StepFunction, state: TrainState, compiles_before: int, first_s: float) -> None:
-        """One line at the first step: what compiling cost, what the first step took, memory."""
-        if jax.process_index() != 0:
-            return
-        from titanax.profiling import human_bytes, memory_watermark
-
-        watch = step.compile_watch
-        compiled = (f"compiled in {watch.records[-1].describe()}" if watch.compiles > compiles_before
-                    else "already compiled")
-        peak, source = memory_watermark(self.mesh.devices.flat)
-        if peak is not None:
-            memory = f"peak device memory {human_bytes(peak)} ({source})"
-        else:  # XLA:CPU keeps no statistics; a second compile for its memory analysis costs as much as the first
-            memory = (f"state {human_bytes(bytes_per_device(state))} per device (the backend reports no "
-                      "peak memory; `titanax describe` shows the compiled peak)")
-        _log.info("step %r %s; first step %.2f s; %s", watch.name, compiled, first_s, memory)
+        return state, meter
 
     def evaluate(self, eval_step: Callable[[TrainState, Any], Mapping[str, Any]], state: TrainState,
                  data: Iterable[Any] | Callable[[], Iterable[Any]], *,
@@ -420,7 +423,8 @@ class Engine:
 
     def _fetch(self, pending: list[dict[str, jax.Array]]) -> dict[str, float]:
         fetched = jax.device_get(pending)  # one sync for the whole interval
-        keys = fetched[-1].keys()
+        # The loss first, the step's own metrics, then what Titanax adds (jit returns dicts sorted).
+        keys = sorted(fetched[-1], key=lambda k: (k != "loss", k in _ADDED, k))
         out = {k: float(np.mean([m[k] for m in fetched])) for k in keys}
         for cumulative in ("loss_scale", "skipped_steps"):  # states, not per-step values
             if cumulative in fetched[-1]:

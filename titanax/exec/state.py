@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,57 @@ class TrainState:
     """The model's :class:`~titanax.parallel.layer_order.LayerOrder` (``ShardedModel.layer_order``):
     under ``PP(repeats>1)`` the layer stack in ``params``, ``opt_state`` and ``model_state`` is in
     pipeline order; ``None``: natural order. Checkpoints are written in natural order."""
+
+    def describe(self) -> str:
+        """The state as a table: step, mesh, and per array (parameters, then optimizer state, model
+        state) its path, shape, dtype, sharding and bytes per device.
+
+        Example:
+          >>> mesh = tx.MeshSpec(axes=("data",)).build()
+          >>> engine = tx.Engine(mesh=mesh, plan=tx.Plan(data_parallel=tx.DP()), optimizer=tx.optim.sgd(0.1))
+          >>> print(engine.init(nn.Dense(2), example=jnp.ones((8, 4))).describe().splitlines()[0])
+          TrainState at step 0 on mesh data=8: 10 parameters in 2 arrays, 40 B per device (optimizer state 0 B)
+        """
+        from titanax.parallel.layout import bytes_per_device
+        from titanax.units import human_bytes, human_count
+
+        def rows(tree: Any, prefix: str) -> list[tuple[str, ...]]:
+            out = []
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                sharding = getattr(leaf, "sharding", None)
+                spec = str(sharding.spec) if hasattr(sharding, "spec") else "-"
+                out.append((prefix + jax.tree_util.keystr(path), str(tuple(leaf.shape)), str(leaf.dtype), spec,
+                            human_bytes(bytes_per_device(leaf))))
+            return out
+
+        step = "?" if isinstance(self.step, jax.ShapeDtypeStruct) else int(jax.device_get(self.step))
+        count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(self.params))
+        arrays = len(jax.tree.leaves(self.params))
+        mesh = ", ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
+        head = (f"TrainState at step {step} on mesh {mesh}: {human_count(count)} parameters in {arrays} arrays, "
+                f"{human_bytes(bytes_per_device(self.params))} per device (optimizer state "
+                f"{human_bytes(bytes_per_device(self.opt_state))})")
+        table = [("array", "shape", "dtype", "spec", "per device"),
+                 *rows(self.params, "params"), *rows(self.opt_state, "opt_state"), *rows(self.model_state, "model_state")]
+        widths = [max(len(r[i]) for r in table) for i in range(5)]
+        lines = [head, ""]
+        for i, row in enumerate(table):
+            lines.append("  ".join(c.rjust(w) if j == 4 else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """A notebook cell's last expression (text consoles): :meth:`describe`, not the arrays' values."""
+        printer.text(self.describe())
+
+    def _repr_html_(self) -> str:
+        """A notebook cell's last expression: :meth:`describe`, preformatted."""
+        import html
+
+        from titanax.html import fragment
+
+        return fragment(f"<pre>{html.escape(self.describe())}</pre>")
 
     def apply(self, params: Any, *args: Any, mutable: Any = False, **kwargs: Any) -> Any:
         """Run the model with ``params`` under the precision policy (use inside your loss).
@@ -148,6 +200,8 @@ class TrainState:
             inverse = 1.0 / self.loss_scale.scale
             grads = jax.tree.map(lambda g: g * inverse.astype(g.dtype), grads)
         finite = all_finite(grads)
+        if self.step_record is not None:  # logged as grad_norm by the step (see StepFunction)
+            self.step_record.grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
         # A non-finite gradient (a bad batch, a loss-scale overflow) must not reach the state: the

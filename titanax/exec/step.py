@@ -70,6 +70,8 @@ class StepRecord:
 
     mutable_applied: bool = False
     """``state.apply(..., mutable=...)`` returned a new model state."""
+    grad_norm: Any = None
+    """The global norm of the gradients the optimizer update took (unscaled, before clipping)."""
 
 
 class StepFunction:
@@ -156,8 +158,9 @@ class StepFunction:
         base_rng = state.rng
         step_rng = jax.random.fold_in(base_rng, state.step)
         k = state.accumulate_steps
+        record = StepRecord()
         if k == 1 and not self.manual:
-            new_state, metrics = self._call_user(state.replace(rng=step_rng), batch)
+            new_state, metrics = self._call_user(state.replace(rng=step_rng), batch, record)
         else:
             # The user's apply_gradients only sums gradients; one update follows with their mean.
             manual_axes = _batch_axes(state) if self.manual else ()
@@ -169,29 +172,33 @@ class StepFunction:
             accumulating = state.replace(accumulating=True, manual_axes=manual_axes, params=params,
                                          grad_accum=jax.tree.map(jnp.zeros_like, state.params))
             if k == 1:
-                accumulated, metrics = self._call_user(accumulating.replace(rng=step_rng), batch)
+                accumulated, metrics = self._call_user(accumulating.replace(rng=step_rng), batch, StepRecord())
             else:
                 def one(carry: TrainState, xs: tuple) -> tuple[TrainState, Any]:
                     index, microbatch = xs
                     return self._call_user(carry.replace(rng=jax.random.fold_in(step_rng, index)),
-                                           microbatch)
+                                           microbatch, StepRecord())
 
                 microbatches = _split_microbatches(batch, k)
                 accumulated, metrics = jax.lax.scan(one, accumulating, (jnp.arange(k), microbatches))
                 metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
             grads = jax.tree.map(lambda g: g / k, accumulated.grad_accum)
-            new_state = state.replace(model_state=accumulated.model_state).apply_gradients(grads=grads)
-        new_state = new_state.replace(rng=base_rng)
+            new_state = state.replace(model_state=accumulated.model_state,
+                                      step_record=record).apply_gradients(grads=grads)
+        new_state = new_state.replace(rng=base_rng, step_record=None)
         if self.manual:
             _check_metrics_reduced(metrics, _batch_axes(state))
+        if record.grad_norm is not None and "grad_norm" not in metrics and not self.manual:
+            # In a manual step the gradients the update sees are per-device shards: no global norm.
+            metrics = {**metrics, "grad_norm": record.grad_norm}
         metrics = {**metrics, "skipped_steps": new_state.skipped_steps}
         if new_state.loss_scale is not None:
             metrics["loss_scale"] = new_state.loss_scale.scale
         return new_state, metrics
 
-    def _call_user(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    def _call_user(self, state: TrainState, batch: Any,
+                   record: StepRecord) -> tuple[TrainState, dict[str, jax.Array]]:
         name = getattr(self.fn, "__name__", repr(self.fn))
-        record = StepRecord()
         try:
             result = self.fn(state.replace(step_record=record), batch)
         except TypeError as err:

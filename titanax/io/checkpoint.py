@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from titanax.exceptions import CheckpointError, TitanaxWarning
+from titanax.exceptions import CheckpointError, TitanaxWarning, user_stacklevel
 from titanax.io.checkpoint_dir import check_directory, listing
 from titanax.io.retention import KeepBestAndNewest, parse_keep_best
 from titanax.io.saved_tree import check_fits, key_path, target_layout
@@ -370,7 +370,7 @@ class OrbaxCheckpoint:
         older step can be read either."""
         if not self.fallback:
             raise err
-        warnings.warn(f"{err.message}; trying an older step", TitanaxWarning, stacklevel=3)
+        warnings.warn(f"{err.message}; trying an older step", TitanaxWarning, stacklevel=user_stacklevel())
         return first_error or err
 
     def _damaged(self, step: int, err: BaseException) -> CheckpointError:

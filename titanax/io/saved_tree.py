@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from titanax.exceptions import CheckpointError, TitanaxWarning
+from titanax.exceptions import CheckpointError, TitanaxWarning, user_stacklevel
 
 __all__ = ["check_fits", "key_path", "show_path", "target_layout"]
 
@@ -61,7 +61,7 @@ def check_fits(where: str, saved: dict[tuple[str, ...], Any], wanted: dict[tuple
             f"{wanted[first][1]}, the dtype of the state to restore ({len(recast)} of "
             f"{len(wanted)} arrays change dtype). To keep the saved values exactly, restore "
             "under the Precision the run was saved with",
-            TitanaxWarning, stacklevel=3)
+            TitanaxWarning, stacklevel=user_stacklevel())
 
 
 def key_path(path: Sequence[Any]) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import shlex
 import signal
 import socket
@@ -162,11 +163,17 @@ class _Output:
                 pass
 
 
-def _pump(pipe: IO[bytes], prefix: str, out: _Output) -> None:
+# Runtime chatter every process prints on a healthy start: one Gloo line per rank and peer count.
+_CHATTER = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+
+
+def _pump(pipe: IO[bytes], prefix: str, out: _Output, verbose: bool = False) -> None:
     with contextlib.suppress(OSError, ValueError):
         with pipe:
             for raw in iter(pipe.readline, b""):
-                out.line(prefix + raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if verbose or not _CHATTER.match(text):
+                    out.line(prefix + text)
 
 
 def _validate(
@@ -299,13 +306,16 @@ def launch(
     grace_s: float = 10.0,
     env: Mapping[str, str] | None = None,
     stdout: TextIO | None = None,
+    verbose: bool = False,
 ) -> int:
     """Runs ``nprocs`` copies of ``command`` on this machine as one multi-process JAX job; waits for them.
 
     Process ``i`` gets ``TITANAX_COORDINATOR_ADDRESS=host:port``, ``TITANAX_NUM_PROCESSES=nprocs``,
     ``TITANAX_PROCESS_ID=i`` and ``TITANAX_LOCAL_PROCESS_ID=i`` (see :func:`child_environment`), so
     a script that calls :func:`titanax.runtime.initialize` joins the others. Every line a process
-    prints (stdout and stderr) is copied to ``stdout`` prefixed ``[p{i}] ``.
+    prints (stdout and stderr) is copied to ``stdout`` prefixed ``[p{i}] ``, except the collective
+    runtime's per-rank connection lines (``[Gloo] Rank 0 is connected to 1 peer ranks ...``),
+    shown only with ``verbose=True``.
 
     When every process exits 0 the result is 0. As soon as one exits otherwise, the launcher prints
     ``titanax launch: process 1 (pid 1234) failed with exit code 3; stopping the other processes``
@@ -334,6 +344,7 @@ def launch(
       env: the base environment of the processes; ``os.environ`` if None.
       stdout: where the processes' output and the launcher's messages go; ``sys.stdout`` (looked
         up at call time) if None.
+      verbose: also copy the runtime's per-rank connection lines (``titanax launch --debug``).
 
     Returns:
       0 if every process succeeded, else the exit code of the first process that failed (130 / 143
@@ -403,8 +414,8 @@ def launch(
                     ) from e
                 procs.append(proc)
                 out.line(f"{_PREFIX} started process {i} of {nprocs} (pid {proc.pid})")
-                thread(_pump, proc.stdout, f"[p{i}] ", out, name=f"titanax-launch-p{i}-out")
-                thread(_pump, proc.stderr, f"[p{i}] ", out, name=f"titanax-launch-p{i}-err")
+                thread(_pump, proc.stdout, f"[p{i}] ", out, verbose, name=f"titanax-launch-p{i}-out")
+                thread(_pump, proc.stderr, f"[p{i}] ", out, verbose, name=f"titanax-launch-p{i}-err")
                 waiters.append(thread(reap, i, proc, name=f"titanax-launch-p{i}-wait"))
             return _wait(procs, waiters, exits, received, grace_s, out, outcome)
         except BaseException:

@@ -6,9 +6,9 @@ N-th step. Give the engine a list of them::
     engine = tx.Engine(..., loggers=[tx.logging.Basic(), tx.logging.CSV("runs/x/metrics.csv"),
                                      tx.logging.TensorBoard("runs/x/tb")])
 
-:class:`TensorBoard` needs the optional ``tensorboardX`` package (``pip install
-"titanax[tensorboard]"``) and :func:`plot_metrics` (``titanax plot``) needs matplotlib (``pip install
-"titanax[plot]"``); everything else here needs only Titanax's own dependencies.
+:func:`plot_metrics` (``titanax plot``) needs matplotlib (``pip install "titanax[plot]"``) and
+:class:`WandB` needs wandb (``pip install "titanax[wandb]"``); everything else here needs only
+Titanax's own dependencies.
 """
 
 from titanax.logging.base import Logger, MultiLogger, NullLogger
@@ -17,8 +17,9 @@ from titanax.logging.csv_logger import CSV
 from titanax.logging.plot import plot_metrics
 from titanax.logging.tensorboard import TensorBoard
 from titanax.logging.throughput import ThroughputMeter, mfu, peak_flops_per_device
+from titanax.logging.wandb_logger import WandB
 
 __all__ = [
     "Logger", "NullLogger", "MultiLogger", "Basic", "CSV", "TensorBoard", "ThroughputMeter",
-    "format_metrics", "mfu", "peak_flops_per_device", "plot_metrics",
+    "format_metrics", "mfu", "peak_flops_per_device", "plot_metrics", "WandB",
 ]

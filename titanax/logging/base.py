@@ -277,7 +277,7 @@ class MultiLogger(Logger):
       >>> with MultiLogger([Basic(stream=out, progress=False), NullLogger()]) as lg:
       ...     lg.log(1, {"loss": 0.5})
       >>> out.getvalue()
-      'step 1 | loss 0.5\\n'
+      'step 1 | loss 0.5000\\n'
     """
 
     def __init__(self, loggers: Iterable[Logger]) -> None:

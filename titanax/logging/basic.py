@@ -16,6 +16,17 @@ from titanax.units import human_bytes, human_count
 __all__ = ["Basic", "format_metrics"]
 
 _RATE_SUFFIX = "_per_s"
+STEP_RATE = "steps_per_s"
+"""The metric :class:`~titanax.logging.ThroughputMeter` reports the step rate under; :class:`Basic`
+takes the rate and ETA from it, so that they and examples/s describe the same interval."""
+
+
+def _si(value: float) -> str:
+    """Three significant digits and an SI suffix: ``22.3k``, ``1.25M``, ``5.08``."""
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale * 0.9995:
+            return f"{value / scale:#.3g}".rstrip(".") + suffix
+    return f"{value:#.3g}".rstrip(".")
 
 
 def _format_number(key: str, value: int | float) -> str:
@@ -26,23 +37,29 @@ def _format_number(key: str, value: int | float) -> str:
         return str(value) if abs(value) < 1_000_000 else human_count(value)
     if math.isnan(value) or math.isinf(value):
         return str(value)
-    # 4 significant digits; Python's "g" switches to scientific below 1e-4 and from 1e4 up.
-    return f"{value:.4g}"
+    if key.endswith(_RATE_SUFFIX) or abs(value) >= 1e4:
+        return _si(value)
+    if value == 0:
+        return "0"
+    if abs(value) < 0.01:
+        return f"{value:.2e}"  # a learning rate: 3.00e-04
+    # 4 significant digits, trailing zeros kept: "loss 3.000" says the loss is 3 to 4 digits.
+    return f"{value:#.4g}".rstrip(".")
 
 
 def _format_item(key: str, value: int | float) -> str:
     if key == "mfu" and isinstance(value, float) and math.isfinite(value):
         return f"mfu {100 * value:.1f}%"
     if key.endswith(_RATE_SUFFIX) and len(key) > len(_RATE_SUFFIX):
-        # "examples_per_s" -> "1.23e+04 examples/s": reads as a rate, the way people say it.
+        # "tokens_per_s" -> "22.3k tokens/s": reads as a rate, the way people say it.
         return f"{_format_number(key, value)} {key[: -len(_RATE_SUFFIX)]}/s"
     return f"{key} {_format_number(key, value)}"
 
 
 def _format_rate(steps_per_s: float) -> str:
     if steps_per_s >= 1:
-        return f"{steps_per_s:.3g} steps/s"
-    return f"{1 / steps_per_s:.3g} s/step"  # slow steps read better as seconds per step
+        return f"{_si(steps_per_s)} steps/s"
+    return f"{_si(1 / steps_per_s)} s/step"  # slow steps read better as seconds per step
 
 
 def _format_duration(seconds: float) -> str:
@@ -52,9 +69,10 @@ def _format_duration(seconds: float) -> str:
 def format_metrics(step: int, metrics: dict[str, int | float], total_steps: int | None = None) -> str:
     """Formats one step's metrics the way :class:`Basic` prints them (without rate and ETA).
 
-    Floats get 4 significant digits (scientific notation when large or small); keys ending in
-    ``_per_s`` read as rates (``1.23e+04 examples/s``), keys ending in ``bytes`` as sizes, ``mfu``
-    as a percentage.
+    Floats get 4 significant digits (``loss 3.000``), small ones scientific notation (``lr
+    3.00e-04``), large ones an SI suffix (``22.3k``); keys ending in ``_per_s`` read as rates
+    (``12.3k examples/s``), keys ending in ``bytes`` as sizes, ``mfu`` as a percentage. The step
+    rate (``steps_per_s``) is left to the caller (:class:`Basic` prints it last, with the ETA).
 
     Args:
       step: the step number.
@@ -62,14 +80,14 @@ def format_metrics(step: int, metrics: dict[str, int | float], total_steps: int 
       total_steps: the last step, shown as ``step 120/1000`` when given.
 
     Returns:
-      A line such as ``"step 120/1000 | loss 0.4123 | 1.23e+04 examples/s"``.
+      A line such as ``"step 120/1000 | loss 0.4123 | 12.3k examples/s"``.
 
     Example:
-      >>> format_metrics(120, {"loss": 0.41234, "examples_per_s": 12300.0}, total_steps=1000)
-      'step 120/1000 | loss 0.4123 | 1.23e+04 examples/s'
+      >>> format_metrics(120, {"loss": 3.0, "lr": 3e-4, "examples_per_s": 12300.0}, total_steps=1000)
+      'step 120/1000 | loss 3.000 | lr 3.00e-04 | 12.3k examples/s'
     """
     head = f"step {step}/{total_steps}" if total_steps is not None else f"step {step}"
-    return " | ".join([head] + [_format_item(k, v) for k, v in metrics.items()])
+    return " | ".join([head] + [_format_item(k, v) for k, v in metrics.items() if k != STEP_RATE])
 
 
 def _isatty(stream: Any) -> bool:
@@ -87,10 +105,12 @@ class Basic(Logger):
     it. Anywhere else (CI logs, files, captured subprocess output, notebooks) each logged step is
     one plain line::
 
-        step 120/1000 | loss 0.4123 | accuracy 0.9125 | 1.23e+04 examples/s | 2.45 steps/s | eta 0:05:59
+        step 120/1000 | loss 0.4123 | accuracy 0.9125 | 12.3k examples/s | 2.45 steps/s | eta 0:05:59
 
-    The rate is averaged from the first logged step on, so the compile time of the first step does
-    not distort it; before there are two logged steps it is measured from :meth:`start`.
+    The step rate and the ETA come from the logged ``steps_per_s`` when there is one (the
+    :class:`~titanax.logging.ThroughputMeter`'s, over the same interval as examples/s and
+    tokens/s); otherwise from this logger's own clock, over the interval since the previous
+    logged step. The first logged step then shows no rate: its interval holds the compile.
 
     Args:
       every: print every ``every``-th step (and the last one).
@@ -127,8 +147,7 @@ class Basic(Logger):
         self._stream = stream
         self.progress = bool(progress)
         self._clock = clock
-        self._t_start: float | None = None
-        self._first: tuple[int, float] | None = None  # (step, time) of the first logged step
+        self._last: tuple[int, float] | None = None  # (step, time) of the previous logged step
         self._bar: Any = None  # rich.progress.Progress while a bar is shown
         self._task: Any = None
 
@@ -139,8 +158,7 @@ class Basic(Logger):
 
     def on_start(self, *, total_steps: int | None, start_step: int) -> None:
         self.on_close()  # a second fit with the same logger starts a fresh bar and clock
-        self._t_start = self._clock()
-        self._first = None
+        self._last = None
         stream = self.stream
         if self.progress and total_steps is not None and total_steps > start_step and _isatty(stream):
             self._open_bar(stream, total_steps, start_step)
@@ -167,21 +185,21 @@ class Basic(Logger):
         )
         self._bar.start()
 
-    def _steps_per_s(self, step: int, now: float) -> float | None:
-        if self._first is None:
-            self._first = (step, now)
-        first_step, first_t = self._first
-        if step > first_step and now > first_t:
-            return (step - first_step) / (now - first_t)
-        if self._t_start is not None and step > self.start_step and now > self._t_start:
-            return (step - self.start_step) / (now - self._t_start)  # includes compile time
+    def _steps_per_s(self, step: int, metrics: dict[str, int | float]) -> float | None:
+        now, last = self._clock(), self._last
+        self._last = (step, now)
+        rate = metrics.get(STEP_RATE)
+        if rate is not None:
+            return float(rate) if rate > 0 else None
+        if last is not None and step > last[0] and now > last[1]:
+            return (step - last[0]) / (now - last[1])
         return None
 
     def write(self, step: int, metrics: dict[str, int | float]) -> None:
         line = format_metrics(step, metrics, self.total_steps)
         rate_text, eta_text = "", "?"
         if self.progress:
-            rate = self._steps_per_s(step, self._clock())
+            rate = self._steps_per_s(step, metrics)
             if rate is not None:
                 rate_text = _format_rate(rate)
                 line += f" | {rate_text}"

@@ -140,7 +140,7 @@ def mfu(flops_per_second: float, num_devices: int, peak_flops_per_device: float)
 
 
 class ThroughputMeter:
-    """Measures examples/s, tokens/s and MFU between successive steps.
+    """Measures steps/s, examples/s, tokens/s and MFU between successive steps, all over the same interval.
 
     Call :meth:`update` after a step has finished (after its metrics were fetched from the device,
     so the time is real, not dispatch time). Each call reports the rates over the interval since the
@@ -165,7 +165,7 @@ class ThroughputMeter:
       >>> m.update(10, now=100.0)
       {}
       >>> m.update(20, now=105.0)
-      {'examples_per_s': 64.0, 'tokens_per_s': 8192.0, 'mfu': 0.25}
+      {'steps_per_s': 2.0, 'examples_per_s': 64.0, 'tokens_per_s': 8192.0, 'mfu': 0.25}
     """
 
     def __init__(
@@ -202,14 +202,14 @@ class ThroughputMeter:
           now: the time in seconds (default ``time.perf_counter()``); pass it in tests.
 
         Returns:
-          ``{"examples_per_s": ..., "tokens_per_s": ..., "mfu": ...}`` (the last two only when
+          ``{"steps_per_s": ..., "examples_per_s": ..., "tokens_per_s": ..., "mfu": ...}`` (the last two only when
           known), or ``{}`` on the first call, or when the step did not advance or the clock did not
           move (a restart or resume: the clock starts again from here).
 
         Example:
           >>> m = ThroughputMeter(examples_per_step=8, num_devices=1)
           >>> m.update(0, now=0.0), m.update(4, now=2.0)
-          ({}, {'examples_per_s': 16.0})
+          ({}, {'steps_per_s': 2.0, 'examples_per_s': 16.0})
         """
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise TitanaxError(f"ThroughputMeter.update: step must be an int, got {step!r}",
@@ -219,7 +219,7 @@ class ThroughputMeter:
         if last is None or step <= last[0] or now <= last[1]:
             return {}
         steps_per_s = (step - last[0]) / (now - last[1])
-        out = {"examples_per_s": self.examples_per_step * steps_per_s}
+        out = {"steps_per_s": steps_per_s, "examples_per_s": self.examples_per_step * steps_per_s}
         if self.tokens_per_step is not None:
             out["tokens_per_s"] = self.tokens_per_step * steps_per_s
         if self.flops_per_step is not None and self.peak_flops_per_device is not None:

@@ -20,9 +20,11 @@ from titanax.optim.factories import (
     lion,
     sgd,
 )
+from titanax.optim.learning_rate import learning_rate
 from titanax.optim.schedules import LR_SCHEDULES, constant, warmup_cosine, warmup_linear
 
 __all__ = [
     "adamw", "adam", "sgd", "lion", "adafactor", "as_optimizer", "default_decay_mask",
     "warmup_cosine", "warmup_linear", "constant", "LearningRate", "DecayMask", "OPTIMIZERS", "LR_SCHEDULES",
+    "learning_rate",
 ]

@@ -172,9 +172,14 @@ def check_moment_dtype(value: Any, where: str) -> Any:
     return dtype
 
 
-def with_clipping(opt: optax.GradientTransformation, clip_norm: float | None) -> optax.GradientTransformation:
+def with_clipping(opt: optax.GradientTransformation, clip_norm: float | None, *,
+                  learning_rate: LearningRate | None = None) -> optax.GradientTransformation:
     """``opt`` after ``optax.clip_by_global_norm(clip_norm)`` (clipping the raw gradients), or
-    ``opt`` itself for ``clip_norm=None``."""
-    if clip_norm is None:
+    ``opt`` itself for ``clip_norm=None``; remembering ``learning_rate`` when given."""
+    if clip_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+    if learning_rate is None:
         return opt
-    return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+    from titanax.optim.learning_rate import with_learning_rate
+
+    return with_learning_rate(opt, learning_rate)

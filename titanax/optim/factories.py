@@ -1,7 +1,9 @@
 """Typed optimizer factories over optax, with the defaults Titanax guarantees.
 
-Each factory returns a plain ``optax.GradientTransformation`` (nothing Titanax-specific is in the
-state, so Orbax checkpoints and optax utilities work on it unchanged). What they add over calling
+Each factory returns an ``optax.GradientTransformation`` whose state is optax's own (nothing
+Titanax-specific is in it, so Orbax checkpoints and optax utilities work on it unchanged); the
+transformation also remembers its learning rate, which :func:`~titanax.optim.learning_rate` reads
+for the logged ``lr``. What they add over calling
 optax directly:
 
 * **Validated arguments.** A negative learning rate, ``b1 >= 1``, ``nesterov=True`` without
@@ -102,7 +104,7 @@ def adamw(
         weight_decay=check_weight_decay(weight_decay, where),
         mask=optax_mask(decay_mask, where),
     )
-    return with_clipping(opt, check_clip_norm(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where), learning_rate=lr)
 
 
 def adam(
@@ -136,13 +138,13 @@ def adam(
     """
     where = "tx.optim.adam"
     opt = optax.adam(
-        learning_rate=check_learning_rate(learning_rate, where),
+        learning_rate=(lr := check_learning_rate(learning_rate, where)),
         b1=check_beta("b1", b1, where, "0.9"),
         b2=check_beta("b2", b2, where, "0.999"),
         eps=check_real("eps", eps, where, low=0.0, low_open=True, hint="pass a small positive eps, e.g. 1e-8"),
         mu_dtype=check_moment_dtype(moment_dtype, where),
     )
-    return with_clipping(opt, check_clip_norm(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where), learning_rate=lr)
 
 
 def sgd(
@@ -198,7 +200,7 @@ def sgd(
         parts.append(optax.add_decayed_weights(wd, mask=mask))
     parts.append(optax.sgd(learning_rate=lr, momentum=momentum, nesterov=nesterov))
     opt = parts[0] if len(parts) == 1 else optax.chain(*parts)
-    return with_clipping(opt, check_clip_norm(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where), learning_rate=lr)
 
 
 def lion(
@@ -237,14 +239,14 @@ def lion(
     """
     where = "tx.optim.lion"
     opt = optax.lion(
-        learning_rate=check_learning_rate(learning_rate, where),
+        learning_rate=(lr := check_learning_rate(learning_rate, where)),
         b1=check_beta("b1", b1, where, "0.9"),
         b2=check_beta("b2", b2, where, "0.99"),
         mu_dtype=check_moment_dtype(moment_dtype, where),
         weight_decay=check_weight_decay(weight_decay, where),
         mask=optax_mask(decay_mask, where),
     )
-    return with_clipping(opt, check_clip_norm(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where), learning_rate=lr)
 
 
 def adafactor(
@@ -317,7 +319,7 @@ def adafactor(
         factored=bool(factored),
         weight_decay_mask=optax_mask(decay_mask, where) if weight_decay else None,
     )
-    return with_clipping(opt, check_clip_norm(clip_norm, where))
+    return with_clipping(opt, check_clip_norm(clip_norm, where), learning_rate=lr)
 
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from titanax.exceptions import ShardingError, TitanaxWarning
+from titanax.exceptions import ShardingError, TitanaxWarning, user_stacklevel
 from titanax.parallel.rules import Dropped, LogicalNames, Rules, divisible_axes, pad_names, warn_dropped
 from titanax.units import human_bytes
 
@@ -221,6 +221,17 @@ class Layout:
 
     __str__ = describe
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """A notebook cell's last expression (text consoles): the table, not the dataclass."""
+        printer.text(self.describe())
+
+    def _repr_html_(self) -> str:
+        """A notebook cell's last expression: the table as HTML."""
+        from titanax.html import fragment
+        from titanax.parallel.report import layout_html
+
+        return fragment(layout_html(self))
+
 
 def layout_tree(leaves: Sequence[Leaf], rules: Rules, mesh: Mesh) -> Layout:
     """Decide the sharding of every leaf.
@@ -270,7 +281,7 @@ def layout_tree(leaves: Sequence[Leaf], rules: Rules, mesh: Mesh) -> Layout:
                           f"{[leaf.path for leaf in leaves[:3]]}")
             if rules.strict:
                 raise ShardingError(message, suggestion=suggestion)
-            warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=3)
+            warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=user_stacklevel())
     return Layout(mesh, tuple(entries))
 
 
@@ -294,7 +305,7 @@ def _check_replicated(entries: list[ParamLayout], rules: Rules, mesh_shape: dict
                       f"rule (r'{e.path}$', (...names...)), or raise max_replicated_bytes")
         if rules.strict:
             raise ShardingError(message, suggestion=suggestion)
-        warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=3)
+        warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=user_stacklevel())
 
 
 def _mesh_annotation(leaf: Leaf, mesh_shape: dict[str, int], what: str, strict: bool) -> tuple:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from titanax.exceptions import PlanError
 from titanax.nn.remat import remat
+from titanax.parallel.busy import busy_scope
 from titanax.parallel.manual import as_varying
 
 __all__ = ["chunk_fn", "from_chunks", "pipeline_forward", "to_chunks"]
@@ -100,6 +101,7 @@ def pipeline_forward(layer: Callable[[jax.Array, Any], jax.Array], stacked: Any,
     schedule = pp.forward_table()
     ticks = schedule.forward_ticks
     f_mb = jnp.asarray(schedule.forward_mb[:ticks])
+    busy = int((schedule.forward_mb[:ticks] >= 0).sum())
     f_rep = jnp.asarray(schedule.forward_repeat[:ticks])
     # The previous tick's row tells stage 0 which microbatch just arrived from the last stage.
     prev_mb = jnp.asarray(np.vstack([np.full((1, p), -1, np.int32), schedule.forward_mb[:ticks - 1]]))
@@ -134,7 +136,8 @@ def pipeline_forward(layer: Callable[[jax.Array, Any], jax.Array], stacked: Any,
             if pp.nan_bubbles:
                 inp = jnp.where(valid, inp, jnp.nan)
             chunk = jax.tree.map(lambda a: a[r], chunks)
-            y = jax.lax.cond(valid, body_fn, lambda _, h: jnp.zeros_like(h), chunk, inp)
+            with busy_scope("forward", busy, ticks * p):
+                y = jax.lax.cond(valid, body_fn, lambda _, h: jnp.zeros_like(h), chunk, inp)
             done = valid & last & (r == v - 1)
             outputs = outputs.at[i].set(jnp.where(done, y, outputs[i]))
             return (jax.lax.ppermute(y, axis, ring), parked, outputs), None

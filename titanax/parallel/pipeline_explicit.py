@@ -35,11 +35,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from titanax.exceptions import PlanError
 from titanax.nn.remat import remat
 from titanax.parallel.context import stack_split
+from titanax.parallel.busy import busy_scope
 from titanax.parallel.manual import as_varying
 from titanax.parallel.pipeline import (chunk_fn, from_chunks, merge_microbatches, pipeline_forward,
                                        split_microbatches, to_chunks)
@@ -116,6 +118,7 @@ def _run_explicit(stack: PipelinedStack, layer: Callable[[jax.Array, Any], jax.A
     fwd_ring = [(j, (j + 1) % p) for j in range(p)]
     bwd_ring = [((j + 1) % p, j) for j in range(p)]
     names = tuple(program.columns)
+    busy = _busy_cells(program.columns, p, v)
     scan = lambda f, init, xs, **kw: jax.lax.scan(f, init, xs, unroll=stack.unroll, **kw)  # noqa: E731
 
     def per_stage(chunks, x_mb, others, batch_mb, *columns):
@@ -188,14 +191,17 @@ def _run_explicit(stack: PipelinedStack, layer: Callable[[jax.Array, Any], jax.A
                 x_in = jnp.where(f_valid, x_in, jnp.nan)
             chunk_f = jax.tree.map(lambda a: a[fr], chunks)
             if recompute:
-                y = jax.lax.cond(f_valid, lambda ch, h: varying(body(ch, h)), lambda _, h: varying(jnp.zeros_like(h)),
-                                 chunk_f, x_in)
+                with busy_scope("forward", *busy["forward"]):
+                    y = jax.lax.cond(f_valid, lambda ch, h: varying(body(ch, h)),
+                                     lambda _, h: varying(jnp.zeros_like(h)), chunk_f, x_in)
             else:
-                y, new = jax.lax.cond(f_valid, forward_stash, forward_skip, chunk_f, x_in)
+                with busy_scope("forward", *busy["forward"]):
+                    y, new = jax.lax.cond(f_valid, forward_stash, forward_skip, chunk_f, x_in)
                 stash = [b.at[c["f_res"]].set(n) for b, n in zip(stash, new)]
             # The head and loss, on the last stage only, when a microbatch leaves the stack.
             ends = f_valid & last & (fr == v - 1)
-            loss_i, d_others, dy = jax.lax.cond(ends, tail_branch, no_tail, y, fi)
+            with busy_scope("loss", *busy["loss"]):
+                loss_i, d_others, dy = jax.lax.cond(ends, tail_branch, no_tail, y, fi)
             cots = cots.at[c["f_cot"]].set(dy.astype(cots.dtype))
             loss = loss + loss_i
             g_others = [g + d for g, d in zip(g_others, d_others)]
@@ -208,12 +214,15 @@ def _run_explicit(stack: PipelinedStack, layer: Callable[[jax.Array, Any], jax.A
                 cot = jnp.where(b_valid, cot, jnp.nan)
             if recompute:
                 x_b = jnp.where(b_first, x_mb[bi], inputs[c["b_in"]])
-                dx, d_chunk = jax.lax.cond(b_valid, backward_recompute,
-                                           lambda ch, h, d: varying((jnp.zeros_like(d), jax.tree.map(jnp.zeros_like, ch))),
-                                           chunk_b, x_b, cot)
+                with busy_scope("backward", *busy["backward"]):
+                    dx, d_chunk = jax.lax.cond(
+                        b_valid, backward_recompute,
+                        lambda ch, h, d: varying((jnp.zeros_like(d), jax.tree.map(jnp.zeros_like, ch))),
+                        chunk_b, x_b, cot)
             else:
                 stash_b = [b[c["b_res"]] for b in stash]
-                dx, out = jax.lax.cond(b_valid, backward_stash, backward_skip, chunk_b, stash_b, cot)
+                with busy_scope("backward", *busy["backward"]):
+                    dx, out = jax.lax.cond(b_valid, backward_stash, backward_skip, chunk_b, stash_b, cot)
                 if split:
                     dhs = dhs.at[c["b_dh"]].set(out)
                 else:
@@ -227,8 +236,9 @@ def _run_explicit(stack: PipelinedStack, layer: Callable[[jax.Array, Any], jax.A
                 dh_w = dhs[c["w_dh"]]
                 if pp.nan_bubbles:
                     dh_w = jnp.where(w_valid, dh_w, jnp.nan)
-                d_chunk = jax.lax.cond(w_valid, weight_grad, lambda ch, st, d: zeros_like(ch), chunk_w,
-                                       [b[c["w_res"]] for b in stash], dh_w)
+                with busy_scope("weight", *busy["weight"]):
+                    d_chunk = jax.lax.cond(w_valid, weight_grad, lambda ch, st, d: zeros_like(ch), chunk_w,
+                                           [b[c["w_res"]] for b in stash], dh_w)
                 g_chunks = jax.tree.map(lambda g, d: g.at[wr].add(d), g_chunks, d_chunk)
             dx_out = dx_out.at[jnp.where(b_valid & b_first, bi, m)].set(dx)
             act_in = jax.lax.ppermute(y, axis, fwd_ring)
@@ -262,6 +272,16 @@ def _run_explicit(stack: PipelinedStack, layer: Callable[[jax.Array, Any], jax.A
     loss, g_chunks, g_others, dx_mb = run(chunked, x_mb, list(others), batch_mb, *columns)
     g_others = [g.sum(axis=0) for g in g_others]
     return loss.sum(), from_chunks(g_chunks), g_others, merge_microbatches(dx_mb[0])
+
+
+def _busy_cells(columns: dict[str, np.ndarray], p: int, v: int) -> dict[str, tuple[int, int]]:
+    """Each slot's ``(busy, total)`` (tick, stage) cells, for :func:`busy_scope`."""
+    f_mb = columns["f_mb"]
+    total = int(f_mb.size)
+    ends = (f_mb[:, p - 1] >= 0) & (columns["f_rep"][:, p - 1] == v - 1)
+    return {"forward": (int((f_mb >= 0).sum()), total), "loss": (int(ends.sum()), total),
+            "backward": (int((columns["b_mb"] >= 0).sum()), total),
+            "weight": (int((columns["w_mb"] >= 0).sum()), total) if "w_mb" in columns else (0, total)}
 
 
 # ------------------------------------------------------------------------- the gradient, split

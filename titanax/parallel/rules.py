@@ -29,7 +29,7 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from titanax.exceptions import PlanError, ShardingError, TitanaxWarning
+from titanax.exceptions import PlanError, ShardingError, TitanaxWarning, user_stacklevel
 from titanax.parallel.scope import pop_rules, push_rules
 
 __all__ = ["Rules", "MeshAxes", "LogicalNames"]
@@ -375,7 +375,7 @@ def warn_dropped(dropped: Sequence[Dropped], entries: tuple[Any, ...]) -> None:
             split = [f"dimension {d} over {e!r}" for d, e in enumerate(entries) if e is not None]
             outcome = f"the array is laid out as {final}: {', '.join(split)}"
         warnings.warn(f"{_dropped_message(note)}; {outcome}. {_dropped_suggestion(note)}",
-                      TitanaxWarning, stacklevel=4)
+                      TitanaxWarning, stacklevel=user_stacklevel())
 
 
 def _dropped_message(note: Dropped) -> str:
@@ -409,7 +409,7 @@ def _check_mesh_axes(
 def _complain(strict: bool, message: str, *, suggestion: str) -> None:
     if strict:
         raise ShardingError(message, suggestion=suggestion)
-    warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=4)
+    warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=user_stacklevel())
 
 
 def _check_logical_rules(rules: Iterable[tuple[str, MeshAxes]]) -> tuple[tuple[str, MeshAxes], ...]:

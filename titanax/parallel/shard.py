@@ -94,12 +94,13 @@ def shard(
         returning an NNX module, optionally taking an ``nnx.Rngs`` (created directly sharded).
       plan_or_rules: a :class:`~titanax.Plan`, or bare :class:`~titanax.Rules`.
       mesh: the mesh; ``None`` takes the one set by ``jax.set_mesh``.
-      example: Linen only, to initialize: the first positional input, or a tuple of them.
+      example: Linen, to initialize: the first positional input, or a tuple of them. An NNX model
+        needs none (one given is not used).
       rng: Linen: seed, PRNG key, or a dict of keys for ``init``; NNX factories taking an
         ``nnx.Rngs`` get ``nnx.Rngs(rng)``.
       params: existing parameters to place instead of initializing (Linen: the ``params``
         collection or the full variables dict; NNX: a state to load into the module).
-      example_kwargs: Linen only: keyword arguments for ``init`` (``train=False``, masks).
+      example_kwargs: Linen: keyword arguments for ``init`` (``train=False``, masks); not used for NNX.
       abstract: allocate nothing (see above); ``tx.create_train_state`` / ``Engine.init`` of an
         abstract model give an abstract state, which a step function can lower.
 
@@ -130,11 +131,8 @@ def shard(
         return shard_linen(model, plan, rules, mesh, example=example, rng=rng, params=params,
                            example_kwargs=dict(example_kwargs or {}), abstract=abstract)
     if isinstance(model, nnx.Module) or callable(model):
-        if example is not None or example_kwargs:
-            raise ShardingError(
-                "example= is for Linen modules; an NNX module is already built",
-                suggestion="drop example=; call the returned model with your inputs",
-            )
+        # An NNX module is built by its constructor, not from an input: an example (passed so that
+        # one call serves Linen and NNX models alike) is not needed.
         return shard_nnx(model, plan, rules, mesh, rng=rng, params=params, abstract=abstract)
     raise ShardingError(
         f"tx.shard got a {type(model).__name__}, not a Flax model",

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from titanax.exceptions import ShardingError, TitanaxWarning
+from titanax.exceptions import ShardingError, TitanaxWarning, user_stacklevel
 from titanax.html import Report
 from titanax.parallel.batch import batch_axes, batch_sharding
 from titanax.parallel.layout import Layout
@@ -258,7 +258,7 @@ class ShardedModel(abc.ABC):
     def _complain(self, message: str, *, suggestion: str) -> None:
         if self.rules.strict:
             raise ShardingError(message, suggestion=suggestion)
-        warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=4)
+        warnings.warn(f"{message}. {suggestion}", TitanaxWarning, stacklevel=user_stacklevel())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Jitted forward. Positional arrays are split on ``batch`` along their first dimension;

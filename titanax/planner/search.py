@@ -169,27 +169,30 @@ def model_facts(values: Mapping[str, Any], source: Any = None) -> ModelFacts:
 def _evaluate(values: Mapping[str, Any], candidate: Candidate, spec: DeviceSpec, source: Any = None) -> dict[str, Any]:
     """Compile ``candidate`` abstractly; its memory, loop-aware figures and roofline estimate."""
     from titanax.config import from_dict
-    from titanax.config.describe import bytes_per_device, compile_run
+    from titanax.config.describe import compile_run
+
+    return estimate_compiled(compile_run(from_dict(candidate.apply_to(values)), source=source), spec)
+
+
+def estimate_compiled(built: Any, spec: DeviceSpec) -> dict[str, Any]:
+    """A compiled run's (:func:`~titanax.config.describe.compile_run`) memory, loop-aware FLOPs
+    and collective bytes per device, and the roofline estimate made of them.
+
+    A pipeline's idle ticks count as what they run (its slots' conditionals are weighted by the
+    schedule's busy share, :mod:`titanax.parallel.busy`), so the figures are what the average
+    device executes in one step.
+    """
+    from titanax.config.describe import bytes_per_device
     from titanax.profiling import collectives_by_axis, inspect
 
-    cfg = from_dict(candidate.apply_to(values))
-    built = compile_run(cfg, source=source)
     stats = inspect(built.compiled)
     mesh = built.prepared.engine.mesh
-    by_axis = collectives_by_axis(built.compiled, mesh)
     state = built.state
     state_bytes = (bytes_per_device(state.params) + bytes_per_device(state.opt_state)
                    + bytes_per_device(state.model_state))
-    flops, bytes_accessed = stats.flops or 0.0, stats.bytes_accessed or 0.0
-    if candidate.pipe > 1:
-        # `inspect` counts each pipeline slot's conditional at its heaviest branch, i.e. every
-        # slot busy on every tick; the schedule table knows the idle share, which runs nothing.
-        from titanax.parallel.schedules import build_schedule
-
-        busy = 1.0 - build_schedule(candidate.schedule, candidate.pipe, candidate.microbatches).bubble_fraction
-        flops, bytes_accessed = flops * busy, bytes_accessed * busy
-    estimate = estimate_step(flops=flops, bytes_accessed=bytes_accessed, collectives_by_axis=by_axis, mesh=mesh,
-                             spec=spec, compute_dtype=cfg.precision.compute)
+    estimate = estimate_step(flops=stats.flops or 0.0, bytes_accessed=stats.bytes_accessed or 0.0,
+                             collectives_by_axis=collectives_by_axis(built.compiled, mesh), mesh=mesh,
+                             spec=spec, compute_dtype=built.prepared.config.precision.compute)
     return dict(estimate=estimate, state_bytes=state_bytes, peak_bytes=state_bytes + (stats.temp_bytes or 0),
                 flops=stats.flops, collective_bytes=stats.total_collective_bytes,
                 compile_seconds=built.seconds)

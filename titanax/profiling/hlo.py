@@ -147,6 +147,9 @@ def _split_top_level(text: str) -> list[str]:
     return parts
 
 
+_OP_NAME = re.compile(r'metadata=\{[^}]*?op_name="([^"]*)"')
+
+
 class Instruction:
     """One HLO instruction: ``[ROOT] %name = shape opcode(operands), attributes``.
 
@@ -215,6 +218,13 @@ class Instruction:
             return text[start:] if end < 0 else text[start:end + 1]
         end = text.find(", ", start)
         return text[start:] if end < 0 else text[start:end]
+
+    @property
+    def op_name(self) -> str | None:
+        """The ``op_name`` of the instruction's metadata (the JAX name stack, ``"jit(f)/.../dot"``),
+        or None."""
+        match = _OP_NAME.search(self.attributes)
+        return match.group(1) if match else None
 
     @property
     def callees(self) -> dict[str, list[str]]:

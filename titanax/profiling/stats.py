@@ -9,8 +9,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import html
 import types
 from collections.abc import Mapping
+from typing import Any
 
 from titanax.exceptions import TitanaxError
 from titanax.profiling.collectives import COLLECTIVE_KINDS, CollectiveStats
@@ -192,6 +194,16 @@ class CompiledStats:
         if self.reported_peak_bytes:
             return "reported"
         return "sum" if self.allocated_bytes is not None else "unavailable"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """A notebook cell's last expression (text consoles): the table, not the dataclass."""
+        printer.text(self.describe())
+
+    def _repr_html_(self) -> str:
+        """A notebook cell's last expression: the table, preformatted."""
+        from titanax.html import fragment
+
+        return fragment(f"<pre>{html.escape(self.describe())}</pre>")
 
     def describe(self) -> str:
         """A readable multi-line table of memory, cost and collectives, per device.

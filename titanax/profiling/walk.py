@@ -16,8 +16,10 @@ plus what its calls add, evaluated callees first:
   could: for cost, the largest FLOPs, transcendentals and bytes over its branches (property by
   property, as XLA's cost model does); for collectives, the branch that moves the most bytes
   (then the most ops), so that counts and bytes describe one branch that can run. An upper
-  bound, counted in :attr:`ProgramTotals.conditionals`: in a pipeline, whose stages compute under
-  ``lax.cond`` only on their busy ticks, every tick counts as busy;
+  bound, counted in :attr:`ProgramTotals.conditionals`. A pipeline slot's conditional says in its
+  op name how often its busy branch runs (:func:`titanax.parallel.busy.busy_share`, from the
+  schedule table); it adds each branch weighted by its share, which is what the average device of
+  the pipeline executes (:attr:`ProgramTotals.weighted_conditionals`);
 * a combiner (``to_apply=`` of a reduce, an all-reduce) or a ``custom-call``'s computations add
   only collectives: the instruction itself already charges its combiner per application, and
   XLA does not look into custom calls.
@@ -46,7 +48,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable
+from fractions import Fraction
 
+from titanax.parallel.busy import busy_share
 from titanax.profiling.hlo import Computation, HloModule, Instruction, shape_bytes
 from titanax.profiling.op_cost import (
     COLLECTIVE_KINDS,
@@ -78,13 +82,17 @@ class ProgramTotals:
 
     Attributes:
       per_run: the totals vector (see the module's docstring for its layout) of one run: loop
-        bodies once per trip, conditionals at their heaviest branch.
+        bodies once per trip, conditionals at their heaviest branch (a pipeline slot's by its
+        busy share).
       once: the same counted as XLA's cost model counts it: every loop body and condition once.
       static: collective counts and bytes counting each instruction once per appearance in the
         text, wherever it sits (cost entries 0).
       unknown_trip_loops: ``while`` instructions whose trip count is unknown (each counted as if
         it ran once, so ``per_run`` is a lower bound when this is above 0).
       conditionals: ``conditional`` instructions, each counted at its heaviest branch.
+      weighted_conditionals: ``conditional`` instructions of a pipeline slot, each branch counted
+        by the share of runs the schedule gives it (per-run figures can then be fractional; they
+        are rounded to whole numbers at the end).
       groups: ``(kind, key) -> (count, bytes, static_count, static_bytes)`` for the key the walk's
         ``group`` function gave each collective (empty without one); per kind, the groups add up
         to ``per_run`` and ``static``.
@@ -97,11 +105,13 @@ class ProgramTotals:
     conditionals: int = 0
     groups: dict[tuple[str, Hashable], tuple[int, int, int, int]] = dataclasses.field(
         default_factory=dict)
+    weighted_conditionals: int = 0
 
 
-# One call edge: (kind, callee names, trip count). Kinds: "fusion", "call", "combiner", "while"
-# (callees: body then condition), "conditional" (callees: the branches).
-_Edge = tuple[str, list[str], int | None]
+# One call edge: (kind, callee names, trip count or busy share). Kinds: "fusion", "call",
+# "combiner", "while" (callees: body then condition; a trip count), "conditional" (callees: the
+# branches, a false/true pair in that order; the true branch's busy share, if the op name has one).
+_Edge = tuple[str, list[str], int | Fraction | None]
 
 
 def _own_and_edges(comp: Computation, module: HloModule, costs: bool, static: list[int],
@@ -136,9 +146,9 @@ def _own_and_edges(comp: Computation, module: HloModule, costs: bool, static: li
             edges.append(("while", [callees["body"][0], (callees.get("condition") or [""])[0]],
                           trip_count(inst, comp, module)))
         elif "branch_computations" in callees or "true_computation" in callees:
-            branches = (callees.get("branch_computations")
-                        or callees.get("true_computation", []) + callees.get("false_computation", []))
-            edges.append(("conditional", branches, None))
+            branches = (callees.get("branch_computations")  # lax.cond: index 0 false, 1 true
+                        or callees.get("false_computation", []) + callees.get("true_computation", []))
+            edges.append(("conditional", branches, busy_share(inst.op_name) if len(branches) == 2 else None))
         elif op == "fusion":
             edges.append(("fusion", callees.get("calls", []), None))
         elif op in ("call", "async-start"):
@@ -212,10 +222,10 @@ def program_totals(module: HloModule, *, costs: bool = True,
     called = {callee for _, edges in parts.values() for _, names, _ in edges for callee in names}
     done: dict[str, tuple[list[int], list[int]]] = {}
     visiting: set[str] = set()
-    unknown, conditionals = 0, 0
+    unknown, conditionals, weighted = 0, 0, 0
 
     def finish(name: str) -> tuple[list[int], list[int]]:
-        nonlocal unknown, conditionals
+        nonlocal unknown, conditionals, weighted
         own, edges = parts[name]
         run, once = list(own), list(own)
         for kind, names, trips in edges:
@@ -231,8 +241,13 @@ def program_totals(module: HloModule, *, costs: bool = True,
                         _add(run, vecs[0], runs, everything)
                         _add(once, vecs[1], 1, everything)
             elif kind == "conditional":
-                conditionals += 1
-                _add(run, _heaviest([g[0] for g in got], width), 1, everything)
+                if trips is not None and len(got) == 2:
+                    weighted += 1
+                    _add(run, got[0][0], 1 - trips, everything)
+                    _add(run, got[1][0], trips, everything)
+                else:
+                    conditionals += 1
+                    _add(run, _heaviest([g[0] for g in got], width), 1, everything)
                 _add(once, _heaviest([g[1] for g in got], width), 1, everything)
             else:
                 for run_vec, once_vec in got:
@@ -263,8 +278,10 @@ def program_totals(module: HloModule, *, costs: bool = True,
         if root in done:
             _add(per_run, done[root][0], 1, everything)
             _add(once, done[root][1], 1, everything)
+    if weighted:
+        per_run = [round(x) for x in per_run]
     groups = {key: (per_run[WIDTH + 2 * slot], per_run[WIDTH + 2 * slot + 1],
                     static[WIDTH + 2 * slot], static[WIDTH + 2 * slot + 1])
               for key, slot in slots.items()}
     return ProgramTotals(tuple(per_run[:WIDTH]), tuple(once[:WIDTH]), tuple(static[:WIDTH]),
-                         unknown, conditionals, groups)
+                         unknown, conditionals, groups, weighted_conditionals=weighted)

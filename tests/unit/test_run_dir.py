@@ -1,0 +1,56 @@
+"""The run directory ``titanax run`` writes: unset outputs go into it, set ones stay put, a new one
+per run, the resolved configuration beside them."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+
+import pytest
+
+from titanax.config import load, resolve_run_directory
+from titanax.exceptions import ConfigError
+
+REPO = pathlib.Path(__file__).parents[2]
+MNIST = "examples/configs/mnist_dp.yaml"
+
+
+def test_unset_outputs_go_into_a_new_directory_per_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load(MNIST, [f"output.root={tmp_path}"])
+    monkeypatch.setattr(time, "time", lambda: 1_790_000_000.0)  # both runs start in the same second
+    first = resolve_run_directory(cfg, name="mnist_dp")
+    assert not first.path.exists()  # nothing is written before the run is built
+    first.create()
+    second = resolve_run_directory(cfg, name="mnist_dp")  # the same second: a suffix, not the same folder
+    assert second.path.name == first.path.name + "-2"
+    assert first.path.parent == tmp_path and first.path.name.startswith("mnist_dp-")
+    resolved = first.config
+    assert resolved.checkpoint.dir == str(first.path / "checkpoints")
+    assert resolved.logging.csv == str(first.path / "metrics.csv")
+    assert resolved.logging.tensorboard == str(first.path / "tensorboard")
+    assert resolved.output.dir == str(first.path)
+    # config.yaml is the resolved configuration, and loads back to it
+    assert load(str(first.path / "config.yaml")) == resolved
+    assert "config.yaml, metrics.csv, tensorboard/, checkpoints/" in first.describe()
+
+
+def test_set_outputs_stay_and_a_given_directory_is_used(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load(MNIST, [f"output.dir={tmp_path / 'mine'}", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                       "output.name=ignored-with-dir"])
+    where = resolve_run_directory(cfg, name="mnist_dp")
+    where.create()
+    assert where.path == tmp_path / "mine" and (where.path / "config.yaml").exists()
+    assert where.config.checkpoint.dir == str(tmp_path / "ckpt")  # named in the configuration: kept
+    assert "checkpoints/" not in where.describe()
+    assert resolve_run_directory(dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, enabled=False)),
+                                 name="x") is None
+
+
+def test_output_name_is_a_name_not_a_path(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match="path separator") as caught:
+        load(MNIST, ["output.name=a/b"])
+    assert "output.root" in caught.value.suggestion
