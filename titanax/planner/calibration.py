@@ -28,9 +28,14 @@ from titanax.exceptions import ConfigError, MeshError
 __all__ = ["calibrate"]
 
 _AXIS = "devices"
-# Seconds one timed run should last: long enough to dwarf the timer and dispatch, short enough
-# that the whole calibration stays within seconds on 8 simulated devices.
-_TARGET_S = 0.05
+# Seconds one timed run should last: long enough to dwarf the timer, dispatch and a scheduler's
+# hiccup, short enough that the whole calibration stays within seconds on 8 simulated devices.
+_TARGET_S = 0.25
+# Loop trips of the long run at least: the per-trip time is the difference of two runs divided by
+# ``trips - 1``; with 2 trips of a 50 ms operation (a streamed array on simulated devices) that
+# difference was one noisy trip, and the memory bandwidth came out anywhere from 3 to 25 GB/s in
+# four calibrations in a row.
+_MIN_TRIPS = 6
 # Per-device problem sizes. The matmul edge saturates a GPU/TPU's matrix units and fits a CPU's
 # caches poorly enough to be honest; the streamed array is well beyond any cache; the small
 # all-reduce is latency, the large one bandwidth.
@@ -53,7 +58,7 @@ def _per_trip(run: Callable[..., Any], args: tuple[Any, ...], repeats: int) -> f
     """Seconds one loop trip of ``run(trips, *args)`` takes, dispatch overhead removed."""
     jax.block_until_ready(run(1, *args))  # compiles, and warms caches and allocators
     one = _best_time(run, (1, *args), repeats)
-    trips = int(min(max(_TARGET_S / max(one, 1e-6), 2), 10_000))
+    trips = int(min(max(_TARGET_S / max(one, 1e-6), _MIN_TRIPS), 10_000))
     many = _best_time(run, (trips, *args), repeats)
     per = (many - one) / (trips - 1)
     # timer noise can make the difference vanish when dispatch dominates; the plain mean is then
