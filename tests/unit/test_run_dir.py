@@ -21,10 +21,13 @@ def test_unset_outputs_go_into_a_new_directory_per_run(tmp_path, monkeypatch):
     cfg = load(MNIST, [f"output.root={tmp_path}"])
     monkeypatch.setattr(time, "time", lambda: 1_790_000_000.0)  # both runs start in the same second
     first = resolve_run_directory(cfg, name="mnist_dp")
-    assert not first.path.exists()  # nothing is written before the run is built
+    # reserved at once: a run started in the same second (a sweep) gets its own folder
+    second = resolve_run_directory(cfg, name="mnist_dp")
+    assert first.path.is_dir() and not any(first.path.iterdir())
     first.create()
-    second = resolve_run_directory(cfg, name="mnist_dp")  # the same second: a suffix, not the same folder
     assert second.path.name == first.path.name + "-2"
+    second.discard()  # a run that failed to build: its empty folder goes
+    assert not second.path.exists() and first.path.exists()
     assert first.path.parent == tmp_path and first.path.name.startswith("mnist_dp-")
     resolved = first.config
     assert resolved.checkpoint.dir == str(first.path / "checkpoints")

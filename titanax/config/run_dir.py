@@ -4,8 +4,8 @@ configuration, the metrics CSV, TensorBoard events, checkpoints and profiler tra
 Every output the configuration leaves unset goes into the run directory; a path it sets stays
 where it says. The directory is new for each run (a second run in the same second gets ``-2``), so
 nothing resumes by accident; to resume a run, point at its directory (``--run-dir``), whose
-``checkpoints/`` the run continues from. Nothing is written before the run is built, so a
-misconfigured run leaves no directory behind. Under ``jax.distributed`` process 0 chooses the name and
+``checkpoints/`` the run continues from. The directory is reserved (created empty) when it is
+chosen, so runs started together never share one; a run that fails to build removes it again. Under ``jax.distributed`` process 0 chooses the name and
 every process uses it.
 """
 
@@ -47,6 +47,13 @@ class RunDirectory:
         if jax.process_index() == 0:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "config.yaml").write_text(config_yaml(self.config))
+
+    def discard(self) -> None:
+        """Remove the directory if the run wrote nothing into it (a run that failed to build)."""
+        import jax
+
+        if jax.process_index() == 0 and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def describe(self) -> str:
         """One line: where the run writes, and what."""
@@ -94,8 +101,15 @@ def _new_directory(root: pathlib.Path, name: str) -> pathlib.Path:
 
     stamp, suffix = int(time.time()), 1
     if jax.process_index() == 0:
-        while (root / _dirname(name, stamp, suffix)).exists():
-            suffix += 1
+        # Reserved by an exclusive mkdir: runs of a sweep started in the same second must never
+        # share a directory (the second would resume from, or overwrite, the first's checkpoints).
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                (root / _dirname(name, stamp, suffix)).mkdir()
+                break
+            except FileExistsError:
+                suffix += 1
     stamp, suffix = _agreed(stamp, suffix)
     return root / _dirname(name, stamp, suffix)
 
@@ -106,8 +120,8 @@ def _dirname(name: str, stamp: int, suffix: int) -> str:
 
 
 def resolve_run_directory(cfg: RunConfig, *, name: str) -> RunDirectory | None:
-    """Choose the run directory and point every unset output into it; nothing is written until
-    :meth:`RunDirectory.create`.
+    """Choose (and reserve, empty) the run directory and point every unset output into it; the
+    configuration is written by :meth:`RunDirectory.create`.
 
     Args:
       cfg: the configuration.
