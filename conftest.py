@@ -47,3 +47,18 @@ import titanax as tx  # noqa: E402
 def _doctest_names(doctest_namespace):
     """The names every docstring example may use without importing them."""
     doctest_namespace.update(tx=tx, jax=jax, jnp=jnp, np=np, nn=nn, nnx=nnx, P=P)
+
+
+@pytest.fixture(autouse=True)
+def _titanax_logger_restored():
+    """``titanax run`` called in-process (``CliRunner``) gives the ``titanax`` logger a handler on
+    that call's stderr and stops propagation: put the logger back so that the next test's ``caplog``
+    sees its records whatever order the tests run in."""
+    import logging
+
+    logger = logging.getLogger("titanax")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = before[0]
+    logger.propagate = before[2]
+    logger.setLevel(before[1])  # setLevel, not `level =`: it clears the children's enabled-for cache

@@ -54,7 +54,10 @@ def gpt_runs(tmp_path, monkeypatch, compile_cache_restored):
         handler = _Capture()
         logger = logging.getLogger("titanax")
         logger.addHandler(handler)
-        level, logger.level = logger.level, logging.INFO
+        # setLevel, not `logger.level =`: only setLevel clears the enabled-for cache of the child
+        # loggers (`titanax.engine`), which an earlier test in this worker may have filled at WARNING
+        level = logger.level
+        logger.setLevel(logging.INFO)
         try:
             result = runner.invoke(app, ["run", "examples/configs/gpt_tiny_dp2_tp4.yaml", *SHORT,
                                          "--set", f"output.root={tmp_path / 'runs'}",
