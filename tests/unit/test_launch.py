@@ -135,6 +135,28 @@ def test_all_succeed_env_and_prefixed_output():
         assert f"[p{i}] no newline at the end" in lines
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_runtime_connection_chatter_is_dropped_even_interleaved(verbose):
+    # what a process with 4 CPU devices printed under `titanax launch`: its ranks' Gloo lines, two of
+    # them interleaved piece by piece; a line that only mentions Gloo is the user's and stays
+    code = (
+        "import sys\n"
+        "e = sys.stderr\n"
+        "e.write('[Gloo] Rank 2 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3\\n')\n"
+        "e.write('[Gloo] Rank [Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3\\n')\n"
+        "e.write('0 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3\\n')\n"
+        "print('[Gloo] Rank 0 connected; my own line about peer ranks')\n"
+        "print('step 1/8 | loss 5.425')\n"
+    )
+    out = _Buffer()
+    assert launch([PY, "-c", code], nprocs=1, stdout=out, verbose=verbose) == 0
+    lines = out.getvalue().splitlines()
+    assert "[p0] step 1/8 | loss 5.425" in lines
+    assert "[p0] [Gloo] Rank 0 connected; my own line about peer ranks" in lines
+    chatter = [line for line in lines if "is connected to 3 peer ranks" in line]
+    assert len(chatter) == (3 if verbose else 0), lines
+
+
 def test_free_port_and_host_and_explicit_env():
     code = "import os; print('ADDR', os.environ['TITANAX_COORDINATOR_ADDRESS'], os.environ.get('HOME', '-'))"
     out = _Buffer()

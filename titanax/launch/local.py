@@ -163,8 +163,17 @@ class _Output:
                 pass
 
 
-# Runtime chatter every process prints on a healthy start: one Gloo line per rank and peer count.
-_CHATTER = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+# Runtime chatter every process prints on a healthy start: one Gloo line per rank and peer count,
+# "[Gloo] Rank 0 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3". A
+# process's ranks print theirs from several threads at once, piece by piece, so the pieces of two
+# lines arrive interleaved ("[Gloo] Rank [Gloo] Rank 1 is connected to ..." then "0 is connected to
+# ..."): a line made of nothing but those pieces is chatter.
+_CHATTER_PIECES = re.compile(r"\[Gloo\] Rank |Expected number of connected peer ranks is :|is connected to"
+                             r"|peer ranks\.?|\d+|\s+")
+
+
+def _is_chatter(text: str) -> bool:
+    return ("[Gloo]" in text or "peer ranks" in text) and not _CHATTER_PIECES.sub("", text)
 
 
 def _pump(pipe: IO[bytes], prefix: str, out: _Output, verbose: bool = False) -> None:
@@ -172,7 +181,7 @@ def _pump(pipe: IO[bytes], prefix: str, out: _Output, verbose: bool = False) -> 
         with pipe:
             for raw in iter(pipe.readline, b""):
                 text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                if verbose or not _CHATTER.match(text):
+                if verbose or not _is_chatter(text):
                     out.line(prefix + text)
 
 
