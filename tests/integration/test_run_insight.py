@@ -28,7 +28,7 @@ SHORT = ["--set", "train.steps=8", "--set", "optimizer.warmup_steps=2", "--set",
          "--set", "train.eval_every=8", "--set", "data.args.max_bytes=800000", "--set", "data.args.eval_batches=1"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def compile_cache_restored():
     """The persistent cache is process-wide JAX configuration: put it back for the next tests."""
     from jax._src import compilation_cache
@@ -42,31 +42,34 @@ def compile_cache_restored():
     compilation_cache.reset_cache()
 
 
-@pytest.fixture
-def gpt_runs(tmp_path, monkeypatch, compile_cache_restored):
+@pytest.fixture(scope="module")
+def gpt_runs(tmp_path_factory, compile_cache_restored):
     """``titanax run`` of GPT tiny twice, in this process, sharing a compile cache; the first traces
-    steps 5 to 7. Returns both runs' output (stdout + the ``titanax`` log lines)."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("TITANAX_CPU_DEVICES", "8")
+    steps 5 to 7. Returns both runs' output (stdout + the ``titanax`` log lines); made once for the
+    tests that read them."""
+    tmp_path = tmp_path_factory.mktemp("gpt_runs")
     runner = CliRunner()
     outputs = []
-    for extra in (["--profile-steps", "5:8", "--profile-dir", str(tmp_path / "trace")], []):
-        handler = _Capture()
-        logger = logging.getLogger("titanax")
-        logger.addHandler(handler)
-        # setLevel, not `logger.level =`: only setLevel clears the enabled-for cache of the child
-        # loggers (`titanax.engine`), which an earlier test in this worker may have filled at WARNING
-        level = logger.level
-        logger.setLevel(logging.INFO)
-        try:
-            result = runner.invoke(app, ["run", "examples/configs/gpt_tiny_dp2_tp4.yaml", *SHORT,
-                                         "--set", f"output.root={tmp_path / 'runs'}",
-                                         "--compile-cache", str(tmp_path / "cache"), *extra])
-        finally:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
-        assert result.exit_code == 0, result.output
-        outputs.append(result.output + "\n".join(handler.lines))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(REPO)
+        monkeypatch.setenv("TITANAX_CPU_DEVICES", "8")
+        for extra in (["--profile-steps", "5:8", "--profile-dir", str(tmp_path / "trace")], []):
+            handler = _Capture()
+            logger = logging.getLogger("titanax")
+            logger.addHandler(handler)
+            # setLevel, not `logger.level =`: only setLevel clears the enabled-for cache of the child
+            # loggers (`titanax.engine`), which an earlier test in this worker may have filled at WARNING
+            level = logger.level
+            logger.setLevel(logging.INFO)
+            try:
+                result = runner.invoke(app, ["run", "examples/configs/gpt_tiny_dp2_tp4.yaml", *SHORT,
+                                             "--set", f"output.root={tmp_path / 'runs'}",
+                                             "--compile-cache", str(tmp_path / "cache"), *extra])
+            finally:
+                logger.removeHandler(handler)
+                logger.setLevel(level)
+            assert result.exit_code == 0, result.output
+            outputs.append(result.output + "\n".join(handler.lines))
     return tmp_path, outputs
 
 
