@@ -15,6 +15,7 @@ accelerators, use the device presets instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -89,11 +90,15 @@ def main() -> None:
     print(f"{'PASS' if chosen <= 1.10 * fastest else 'FAIL'} chosen within 10% of the fastest measured "
           f"({chosen / fastest:.3f}x)")
     print(f"total {time.perf_counter() - started:.0f} s")
-    if args.json:
+    if args.json:  # everything needed to estimate the plans again offline, with other constants
         with open(args.json, "w") as f:
-            json.dump({"spearman": rho, "rows": [
-                {"plan": r.candidate.label, "estimate_s": r.estimate.total_s, "measured_s": r.measured_seconds,
-                 "bound": r.estimate.bound, "flops": r.flops, "collective_bytes": r.collective_bytes}
+            json.dump({"spearman": rho, "spec": dataclasses.asdict(spec), "rows": [
+                {"plan": r.candidate.label, "mesh": r.candidate.mesh_section(),
+                 "estimate_s": r.estimate.total_s, "measured_s": r.measured_seconds,
+                 "bound": r.estimate.bound, "flops": r.flops, "bytes_accessed": r.bytes_accessed,
+                 "collective_bytes": r.collective_bytes,
+                 "collectives": [{"axes": list(axes), "kind": kind, "count": c.count, "bytes": c.bytes}
+                                 for axes, kinds in r.collectives.items() for kind, c in kinds.items()]}
                 for r in rows]}, f, indent=1)
 
 

@@ -19,6 +19,7 @@ from titanax.planner import (
     device_spec,
     estimate_step,
     ring_bytes,
+    ring_steps,
 )
 from titanax.exceptions import ConfigError, MeshError, TitanaxError
 from titanax.profiling import COLLECTIVE_KINDS, CollectiveStats
@@ -97,6 +98,47 @@ def test_ring_bytes():
     assert all(ring_bytes(kind, 1, 2) >= 0 for kind in COLLECTIVE_KINDS)
     with pytest.raises(ConfigError):
         ring_bytes("send", 1, 2)
+
+
+def test_ring_steps():
+    assert [ring_steps("all-reduce", n) for n in (1, 2, 8)] == [0, 2, 14]
+    assert ring_steps("all-gather", 8) == ring_steps("reduce-scatter", 8) == ring_steps("all-to-all", 8) == 7
+    assert ring_steps("collective-permute", 8) == ring_steps("collective-broadcast", 8) == 1
+    assert all(ring_steps(kind, 4) >= 1 for kind in COLLECTIVE_KINDS)
+    with pytest.raises(ConfigError, match="unknown collective kind"):
+        ring_steps("send", 2)
+
+
+def test_the_step_latency_charges_larger_groups_more():
+    spec = dataclasses.replace(SPEC, collective_latency=5e-6, collective_step_latency=1e-6, devices_per_node=8)
+    mesh = {"data": 2, "tensor": 4}  # one node of 8
+    tiny = {"all-reduce": Cost(count=10, bytes=0)}
+    est = estimate_step(flops=0, bytes_accessed=0, mesh=mesh, spec=spec,
+                        collectives_by_axis={("data",): tiny, ("tensor",): tiny, ("data", "tensor"): tiny})
+    # 10 all-reduces each: 5 us + 2(n-1) hops of 1 us
+    assert est.collective_s_by_axis == pytest.approx(
+        {("data",): 10 * (5e-6 + 2e-6), ("tensor",): 10 * (5e-6 + 6e-6), ("data", "tensor"): 10 * (5e-6 + 14e-6)})
+    assert DEVICE_SPECS["h100"].collective_step_latency == 0.0  # presets: one latency per collective
+    with pytest.raises(ConfigError) as info:
+        dataclasses.replace(SPEC, collective_step_latency=-1e-6)
+    assert info.value.field == "collective_step_latency"
+
+
+def test_calibration_fits_a_latency_and_a_step_latency_to_the_group_sizes():
+    from titanax.planner.calibration import _latencies
+
+    # exact: 10 us + 2(g-1) x 2 us, with 1 KiB at 1 GB/s on top
+    bandwidth = 1e9
+    times = {g: 10e-6 + ring_steps("all-reduce", g) * 2e-6 + ring_bytes("all-reduce", 1024, g) / bandwidth
+             for g in (2, 4, 8)}
+    assert _latencies(times, 256, bandwidth) == pytest.approx((10e-6, 2e-6))
+    # larger groups no slower (noise): all of it is one latency
+    assert _latencies({2: 30e-6, 4: 20e-6, 8: 25e-6}, 0, bandwidth) == pytest.approx((25e-6, 0.0))
+    # a negative intercept: all of it is the hops'
+    latency, step = _latencies({2: 10e-6, 4: 60e-6, 8: 140e-6}, 0, bandwidth)
+    assert latency == 0.0 and step == pytest.approx((2 * 10 + 6 * 60 + 14 * 140) / (4 + 36 + 196) * 1e-6)
+    # one group size (2 devices): a latency only
+    assert _latencies({2: 40e-6}, 0, bandwidth) == pytest.approx((40e-6, 0.0))
 
 
 def test_estimate_by_hand():
@@ -182,8 +224,11 @@ def test_calibrate_measures_positive_figures():
     assert spec.name == "calibrated-cpu"
     assert spec.devices_per_node == jax.local_device_count() == 8
     for value in (spec.peak_flops_bf16, spec.peak_flops_fp32, spec.hbm_bandwidth, spec.intra_node_bandwidth,
-                  spec.inter_node_bandwidth, spec.collective_latency, spec.memory_bytes):
+                  spec.inter_node_bandwidth, spec.memory_bytes):
         assert math.isfinite(value) and value > 0
+    # either latency may be fitted to 0, not both: a small all-reduce over 8 devices takes time
+    assert spec.collective_latency >= 0 and spec.collective_step_latency >= 0
+    assert spec.collective_latency + ring_steps("all-reduce", 8) * spec.collective_step_latency > 0
     assert spec.intra_node_bandwidth == spec.inter_node_bandwidth
     with pytest.raises(ConfigError):
         calibrate(repeats=0)

@@ -16,6 +16,7 @@ from titanax.planner.roofline import (
     device_spec,
     estimate_step,
     ring_bytes,
+    ring_steps,
 )
 from titanax.planner.search import PlanRow, PlanSearch, autoplan, measure_step_time, model_facts
 
@@ -26,5 +27,5 @@ __all__ = [
     "Candidate", "ModelFacts", "Rejection", "enumerate_candidates", "model_facts",
     # the estimate
     "DeviceSpec", "DEVICE_SPECS", "device_spec", "StepEstimate", "estimate_step", "axis_crosses_nodes",
-    "ring_bytes", "calibrate",
+    "ring_bytes", "ring_steps", "calibrate",
 ]

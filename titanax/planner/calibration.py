@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from titanax.planner.roofline import DeviceSpec, ring_bytes
+from titanax.planner.roofline import DeviceSpec, ring_bytes, ring_steps
 from titanax.exceptions import ConfigError, MeshError
 
 __all__ = ["calibrate"]
@@ -104,12 +105,34 @@ def _memory_bandwidth(mesh: Mesh, n: int, length: int, repeats: int) -> float:
     return 2 * 4 * length / _per_trip(run, (x, scale), repeats)
 
 
-def _all_reduce_seconds(mesh: Mesh, n: int, length: int, repeats: int) -> float:
-    """Seconds of one all-reduce of ``length`` float32 per device over all devices."""
-    x = _filled(mesh, (n * length,), jnp.float32, P(_AXIS))
-    reduce = jax.shard_map(lambda y: jax.lax.psum(y, _AXIS) * (1.0 / n), mesh=mesh,
-                           in_specs=P(_AXIS), out_specs=P(_AXIS), check_vma=False)
-    return _per_trip(_looped(lambda y, c: reduce(y), mesh, P(_AXIS)), (x,), repeats)
+def _all_reduce_seconds(devices: np.ndarray, group: int, length: int, repeats: int) -> float:
+    """Seconds of one all-reduce of ``length`` float32 per device within groups of ``group``
+    devices, every group at once (a mesh axis of size ``group``)."""
+    n = devices.size
+    mesh = Mesh(devices.reshape(n // group, group), ("groups", _AXIS), axis_types=(AxisType.Auto,) * 2)
+    spec = P(("groups", _AXIS))
+    x = _filled(mesh, (n * length,), jnp.float32, spec)
+    reduce = jax.shard_map(lambda y: jax.lax.psum(y, _AXIS) * (1.0 / group), mesh=mesh,
+                           in_specs=spec, out_specs=spec, check_vma=False)
+    return _per_trip(_looped(lambda y, c: reduce(y), mesh, spec), (x,), repeats)
+
+
+def _latencies(small_seconds: dict[int, float], small_elements: int, bandwidth: float) -> tuple[float, float]:
+    """``(collective_latency, collective_step_latency)`` fitted by least squares to the small
+    all-reduce's time per group size: ``t(g) - moved(g) / bandwidth = latency + ring_steps(g) * step``."""
+    xs = np.array([ring_steps("all-reduce", g) for g in small_seconds], float)
+    ys = np.array([t - ring_bytes("all-reduce", 4 * small_elements, g) / bandwidth
+                   for g, t in small_seconds.items()])
+    if len(xs) > 1:
+        step = float(np.polyfit(xs, ys, 1)[0])
+        if step <= 0:  # noise: the groups cost alike, so it is all a fixed latency
+            return max(float(ys.mean()), 0.0), 0.0
+        latency = float(ys.mean() - step * xs.mean())
+        if latency >= 0:
+            return latency, step
+        # a negative intercept is noise: every bit of the time is the hops'
+        return 0.0, float((xs * ys).sum() / (xs * xs).sum())
+    return max(float(ys[0]), 0.0), 0.0
 
 
 def _memory_bytes(device: Any) -> int:
@@ -133,19 +156,22 @@ def calibrate(mesh: Mesh | None = None, *, repeats: int = 3) -> DeviceSpec:
       default precision.
     * ``hbm_bandwidth``: an elementwise multiply of a float32 array (32 MiB per device on CPU,
       1 GiB elsewhere), counting bytes read plus written.
-    * ``intra_node_bandwidth`` = ``inter_node_bandwidth`` and ``collective_latency``: the time
-      ``t`` of an all-reduce over all devices of 1 KiB and of a large array (4 MiB per device on
-      CPU, 256 MiB elsewhere), fitted to ``t = latency + ring_bytes("all-reduce", size, n) /
-      bandwidth``, the model :func:`~titanax.planner.estimate_step` uses. On one host both
-      bandwidths are the same figure; over several hosts the all-reduce crosses nodes, so both are
-      the inter-node one (intra-node links are then at least this fast). With one device there is
-      no collective to time: the bandwidths are the memory bandwidth and the latency 0.
-      The latency is the collective's own: a collective inside a compute stream also waits for
-      the slowest device, but that wait scales with the compute between two collectives, not
-      with their number. Charging it per collective (as measured between 3 ms matmuls, ~1 ms on
-      simulated CPU devices) overcharged a real step's small kernels ~5x: on GPT tiny's 25 plans
-      the estimate ranked the measured step times at Spearman 0.70 with it and 0.88 without
-      (``benchmarks/autoplan.py``).
+    * ``intra_node_bandwidth`` = ``inter_node_bandwidth``: the time of an all-reduce over all
+      devices of 1 KiB and of a large array (4 MiB per device on CPU, 256 MiB elsewhere): the
+      bytes :func:`~titanax.planner.ring_bytes` counts for the difference over the difference of
+      the times. On one host both bandwidths are the same figure; over several hosts the
+      all-reduce crosses nodes, so both are the inter-node one (intra-node links are then at
+      least this fast). With one device there is no collective to time: the bandwidths are the
+      memory bandwidth and the latencies 0.
+    * ``collective_latency`` and ``collective_step_latency``: the 1 KiB all-reduce within groups
+      of every power-of-two size up to all devices (all groups at once; the median of three
+      measurements each), its bandwidth time taken off, fitted by least squares to ``latency +
+      ring_steps("all-reduce", g) * step_latency``, the model :func:`~titanax.planner.estimate_step`
+      uses. On 8 simulated CPU devices a group of 2 took ~50 us and one of 8 ~270 us: a single
+      latency measured over all devices overcharged the steps' many collectives over 2 or 4 of
+      them (GPT tiny's plans: ``benchmarks/autoplan.py``). The latency is the collective's own: a
+      collective inside a compute stream also waits for the slowest device, but that wait scales
+      with the compute between two collectives, not with their number.
     * ``memory_bytes``: the device's allocation limit, or for CPU the host memory divided among
       its devices; ``devices_per_node``: ``jax.local_device_count()``.
 
@@ -187,19 +213,24 @@ def calibrate(mesh: Mesh | None = None, *, repeats: int = 3) -> DeviceSpec:
     # twice: the first pass pays the page faults of fresh buffers, which a training step's
     # reused buffers do not
     hbm = max(_memory_bandwidth(flat, n, sizes["stream"], repeats) for _ in range(2))
+    step_latency = 0.0
     if n > 1:
         small, large = sizes["reduce_small"], sizes["reduce_large"]
-        t_small = _all_reduce_seconds(flat, n, small, repeats)
-        t_large = _all_reduce_seconds(flat, n, large, repeats)
+        # every power-of-two group size up to all devices: the latency grows with the group
+        groups = sorted({g for g in (2 ** k for k in range(1, n.bit_length())) if n % g == 0} | {n})
+        # the median of three: a rendezvous of simulated devices on shared cores now and then
+        # takes twice as long for a whole run, which the best of ``repeats`` does not remove
+        t_small = {g: statistics.median(_all_reduce_seconds(grid, g, small, repeats) for _ in range(3))
+                   for g in groups}
+        t_large = _all_reduce_seconds(grid, n, large, repeats)
         moved_small, moved_large = (ring_bytes("all-reduce", 4 * s, n) for s in (small, large))
-        bandwidth = ((moved_large - moved_small) / (t_large - t_small) if t_large > t_small
+        bandwidth = ((moved_large - moved_small) / (t_large - t_small[n]) if t_large > t_small[n]
                      else moved_large / t_large)
-        # a negative intercept is noise: the small all-reduce's whole time is then the latency
-        latency = t_small - moved_small / bandwidth
-        latency = latency if latency > 0 else t_small
+        latency, step_latency = _latencies(t_small, small, bandwidth)
     else:
         bandwidth, latency = hbm, 0.0
     return DeviceSpec(name=f"calibrated-{platform}", peak_flops_bf16=bf16, peak_flops_fp32=fp32,
                       memory_bytes=_memory_bytes(devices[0]), hbm_bandwidth=hbm,
                       intra_node_bandwidth=bandwidth, inter_node_bandwidth=bandwidth,
-                      devices_per_node=jax.local_device_count(), collective_latency=latency)
+                      devices_per_node=jax.local_device_count(), collective_latency=latency,
+                      collective_step_latency=step_latency)

@@ -4,11 +4,13 @@ program's FLOPs, bytes and collectives, and the device's datasheet (or calibrate
 The model, per device and per step::
 
     compute_s    = max(flops / peak_flops, bytes_accessed / hbm_bandwidth)
-    collective_s = sum over (axes, kind): count * collective_latency + moved_bytes / bandwidth
+    collective_s = sum over (axes, kind): count * (collective_latency + steps * collective_step_latency)
+                                          + moved_bytes / bandwidth
     total_s      = compute_s + collective_s          (or max(...) with overlap=True)
 
-``moved_bytes`` is what a ring algorithm sends from each device (:func:`ring_bytes`), and the
-bandwidth is the inter-node one when the collective's group spans nodes
+``moved_bytes`` is what a ring algorithm sends from each device (:func:`ring_bytes`) and ``steps``
+the ring's sequential steps (:func:`ring_steps`: ``2(n-1)`` for an all-reduce over ``n`` devices),
+each paying a hop's latency (the alpha-beta model of collectives), and the bandwidth is the inter-node one when the collective's group spans nodes
 (:func:`axis_crosses_nodes`), the intra-node one otherwise.
 
 Example:
@@ -34,7 +36,7 @@ from titanax.exceptions import ConfigError, MeshError
 from titanax.profiling.devices import DEVICE_PRESETS
 
 __all__ = ["DEVICE_SPECS", "DeviceSpec", "StepEstimate", "axis_crosses_nodes", "device_spec",
-           "estimate_step", "ring_bytes"]
+           "estimate_step", "ring_bytes", "ring_steps"]
 
 MeshLike: TypeAlias = Mesh | AbstractMesh | Mapping[str, int]
 """A ``jax.sharding.Mesh`` or ``AbstractMesh`` (read through its ``.shape``, axis name -> size),
@@ -108,7 +110,15 @@ class DeviceSpec:
     whole slice, many hosts)."""
 
     collective_latency: float
-    """Fixed seconds each collective costs whatever its size (launch, synchronisation, hops)."""
+    """Fixed seconds each collective costs whatever its size and group (launch, synchronisation)."""
+
+    collective_step_latency: float = 0.0
+    """Seconds each sequential step of a collective's ring costs on top (a hop: :func:`ring_steps`
+    per collective, ``2(n-1)`` for an all-reduce over ``n`` devices), so that a collective over
+    many devices costs more than one over two. The presets leave it 0 (NCCL and ICI switch to tree
+    and multi-dimensional algorithms whose latency grows far slower than a ring's; their
+    ``collective_latency`` is the figure for a node's group); :func:`~titanax.planner.calibrate`
+    measures it."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -123,6 +133,8 @@ class DeviceSpec:
         _positive("DeviceSpec", "devices_per_node", self.devices_per_node, integer=True, example="8")
         _positive("DeviceSpec", "collective_latency", self.collective_latency, zero=True,
                   example="10e-6 (seconds)")
+        _positive("DeviceSpec", "collective_step_latency", self.collective_step_latency, zero=True,
+                  example="1e-6 (seconds)")
 
     def flops_for(self, compute_dtype: str = "bfloat16") -> float:
         """Dense matmul FLOP/s for inputs of ``compute_dtype``.
@@ -345,6 +357,43 @@ def ring_bytes(kind: str, result_bytes: float, n: int) -> float:
     return 0.0 if n <= 1 else float(_RING_FACTOR[kind](n) * result_bytes)
 
 
+# Sequential steps of the ring algorithm over n devices, each waiting for the previous hop.
+_RING_STEPS = {
+    "all-reduce": lambda n: 2 * (n - 1),  # reduce-scatter then all-gather
+    "all-gather": lambda n: n - 1,
+    "reduce-scatter": lambda n: n - 1,
+    "all-to-all": lambda n: n - 1,
+    "ragged-all-to-all": lambda n: n - 1,
+    "collective-permute": lambda n: 1,
+    "collective-broadcast": lambda n: 1,  # pipelined, as ring_bytes counts it
+}
+
+
+def ring_steps(kind: str, n: int) -> int:
+    """Sequential steps of a collective of ``kind`` over ``n`` devices (ring algorithm): what the
+    per-hop latency :attr:`DeviceSpec.collective_step_latency` multiplies.
+
+    Args:
+      kind: an HLO collective opcode (:data:`titanax.profiling.COLLECTIVE_KINDS`).
+      n: devices in each group; a group of one takes no step.
+
+    Returns:
+      all-reduce ``2(n-1)``, all-gather, reduce-scatter and all-to-all ``n-1``, permute and
+      broadcast 1.
+
+    Raises:
+      ConfigError: an unknown kind.
+
+    Example:
+      >>> ring_steps("all-reduce", 8), ring_steps("all-gather", 8), ring_steps("collective-permute", 8)
+      (14, 7, 1)
+    """
+    if kind not in _RING_STEPS:
+        raise ConfigError(f"unknown collective kind {kind!r}", suggestion=f"use one of {', '.join(_RING_STEPS)}",
+                          owner="estimate_step", field="collectives_by_axis", value=kind)
+    return 0 if n <= 1 else int(_RING_STEPS[kind](n))
+
+
 def _fmt_s(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if seconds >= scale:
@@ -425,8 +474,9 @@ def estimate_step(*, flops: float, bytes_accessed: float,
                   overlap: bool = False) -> StepEstimate:
     """The roofline time of one step of a compiled SPMD program on one device.
 
-    Each group of collectives costs ``count * spec.collective_latency + moved / bandwidth``, with
-    ``moved`` from :func:`ring_bytes` over ``n`` = the product of the axes' sizes, and the
+    Each group of collectives costs ``count * (spec.collective_latency + steps *
+    spec.collective_step_latency) + moved / bandwidth``, with ``moved`` from :func:`ring_bytes` and
+    ``steps`` from :func:`ring_steps` over ``n`` = the product of the axes' sizes, and the
     bandwidth ``spec.inter_node_bandwidth`` if the axes cross nodes
     (:func:`axis_crosses_nodes` with ``spec.devices_per_node``), else ``intra_node_bandwidth``.
     A collective over axes of total size 1 costs nothing (XLA removes it).
@@ -477,7 +527,8 @@ def estimate_step(*, flops: float, bytes_accessed: float,
             _positive("estimate_step", f"collectives_by_axis[{axes!r}][{kind!r}].bytes", stats.bytes, zero=True)
             moved = ring_bytes(kind, stats.bytes, n)
             if n > 1:
-                seconds += stats.count * spec.collective_latency + moved / bandwidth
+                latency = spec.collective_latency + ring_steps(kind, n) * spec.collective_step_latency
+                seconds += stats.count * latency + moved / bandwidth
         by_axis[axes] = by_axis.get(axes, 0.0) + seconds
     return StepEstimate(flops_s=flops / peak, memory_s=bytes_accessed / spec.hbm_bandwidth,
                         collective_s_by_axis=by_axis, overlap=overlap)

@@ -53,6 +53,12 @@ class PlanRow:
     """FLOPs per device per step, loop-aware."""
     collective_bytes: float | None = None
     """Collective bytes per device per step, loop-aware."""
+    bytes_accessed: float | None = None
+    """Bytes one device reads and writes in memory per step, loop-aware."""
+    collectives: Mapping[tuple[str, ...], Mapping[str, Any]] | None = None
+    """Mesh axes -> collective kind -> :class:`~titanax.profiling.CollectiveStats` (count, bytes)
+    per device per step: with ``flops`` and ``bytes_accessed``, what :func:`estimate_step` needs
+    to estimate this plan for another device without compiling it again."""
     compile_seconds: float | None = None
     measured_seconds: float | None = None
     """The step time measured on this machine (``measure_steps > 0``)."""
@@ -190,12 +196,13 @@ def estimate_compiled(built: Any, spec: DeviceSpec) -> dict[str, Any]:
     state = built.state
     state_bytes = (bytes_per_device(state.params) + bytes_per_device(state.opt_state)
                    + bytes_per_device(state.model_state))
+    collectives = collectives_by_axis(built.compiled, mesh)
     estimate = estimate_step(flops=stats.flops or 0.0, bytes_accessed=stats.bytes_accessed or 0.0,
-                             collectives_by_axis=collectives_by_axis(built.compiled, mesh), mesh=mesh,
+                             collectives_by_axis=collectives, mesh=mesh,
                              spec=spec, compute_dtype=built.prepared.config.precision.compute)
     return dict(estimate=estimate, state_bytes=state_bytes, peak_bytes=state_bytes + (stats.temp_bytes or 0),
                 flops=stats.flops, collective_bytes=stats.total_collective_bytes,
-                compile_seconds=built.seconds)
+                bytes_accessed=stats.bytes_accessed, collectives=collectives, compile_seconds=built.seconds)
 
 
 class _StepTimer:
