@@ -230,7 +230,8 @@ def test_a_cli_run_on_one_cpu_device_says_so():
 
     env = {k: v for k, v in os.environ.items() if k not in ("TITANAX_CPU_DEVICES", "XLA_FLAGS", "JAX_PLATFORMS")}
     result = subprocess.run([sys.executable, "-m", "titanax.cli", "run", "examples/configs/mnist_dp.yaml",
-                             "--set", "train.steps=2", "--set", "optimizer.warmup_steps=1", "--set", "logging.every=1"],
+                             "--set", "train.steps=2", "--set", "optimizer.warmup_steps=1", "--set", "logging.every=1",
+                             "--set", "output.enabled=false"],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "titanax: training on 1 CPU device" in result.stderr and "--cpu-devices 8" in result.stderr, result.stderr

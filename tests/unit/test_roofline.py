@@ -1,4 +1,5 @@
-"""The roofline step-time model (titanax/planner/roofline.py) and its calibration (calibration.py)."""
+"""The roofline step-time model (planner/roofline.py), the device constants (device_spec.py) and
+their calibration (calibration.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Measure a :class:`~titanax.planner.roofline.DeviceSpec` on the devices at hand.
+"""Measure a :class:`~titanax.planner.device_spec.DeviceSpec` on the devices at hand.
 
 Every figure is measured with **all devices busy at once**, as in a training step: simulated CPU
 devices share the host's cores (and an accelerator's host shares its PCIe and NICs), so one device
@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from titanax.planner.roofline import DeviceSpec, ring_bytes, ring_steps
+from titanax.planner.device_spec import DeviceSpec
+from titanax.planner.roofline import ring_bytes, ring_steps
 from titanax.exceptions import ConfigError, MeshError
 
 __all__ = ["calibrate"]

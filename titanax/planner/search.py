@@ -28,7 +28,8 @@ from typing import Any
 import jax
 
 from titanax.planner.candidates import Candidate, ModelFacts, arithmetic_order, enumerate_candidates
-from titanax.planner.roofline import DEVICE_SPECS, DeviceSpec, StepEstimate, estimate_step
+from titanax.planner.device_spec import DEVICE_SPECS, DeviceSpec
+from titanax.planner.roofline import StepEstimate, estimate_step
 from titanax.exceptions import ConfigError, TitanaxError
 from titanax.units import human_bytes
 
@@ -286,8 +287,8 @@ def autoplan(
       config: a run configuration: a YAML path (as ``titanax run`` takes) or a mapping.
       devices: devices to plan for; default every device present (simulate them on a CPU with
         ``tx.simulate_cpu_devices(n)`` before JAX starts, as ``titanax plan --devices n`` does).
-      device: a preset of :data:`~titanax.planner.roofline.DEVICE_SPECS` (``h100``, ...), a
-        :class:`~titanax.planner.roofline.DeviceSpec`, or ``"calibrate"`` / ``None`` to measure
+      device: a preset of :data:`~titanax.planner.device_spec.DEVICE_SPECS` (``h100``, ...), a
+        :class:`~titanax.planner.device_spec.DeviceSpec`, or ``"calibrate"`` / ``None`` to measure
         this machine's devices (:func:`~titanax.planner.calibration.calibrate`).
       memory_bytes: one device's memory budget; default the device's memory.
       overrides: ``section.key=value`` assignments applied to ``config``.
