@@ -157,12 +157,7 @@ def run(config: ConfigPath, overrides: Overrides = None, cpu_devices: CpuDevices
         from titanax.config import resolve_run_directory, train
 
         where = resolve_run_directory(cfg, name=os.path.splitext(os.path.basename(config))[0])
-        try:
-            train(cfg, run_directory=where)
-        except TitanaxError:
-            if where is not None:
-                where.discard()  # a misconfigured run leaves no empty directory behind
-            raise
+        train(cfg, run_directory=where)
         if where is not None and jax.process_index() == 0:
             typer.echo(f"run directory: {where.path}")
     except TitanaxError as error:

@@ -146,6 +146,7 @@ def test_runtime_connection_chatter_is_dropped_even_interleaved(verbose):
         "e.write('[Gloo] Rank [Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3\\n')\n"
         "e.write('0 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3\\n')\n"
         "print('[Gloo] Rank 0 connected; my own line about peer ranks')\n"
+        "print('8 peer ranks')\n"
         "print('step 1/8 | loss 5.425')\n"
     )
     out = _Buffer()
@@ -153,6 +154,7 @@ def test_runtime_connection_chatter_is_dropped_even_interleaved(verbose):
     lines = out.getvalue().splitlines()
     assert "[p0] step 1/8 | loss 5.425" in lines
     assert "[p0] [Gloo] Rank 0 connected; my own line about peer ranks" in lines
+    assert "[p0] 8 peer ranks" in lines  # made of the pieces, but none of the message's own phrases
     chatter = [line for line in lines if "is connected to 3 peer ranks" in line]
     assert len(chatter) == (3 if verbose else 0), lines
 

@@ -57,3 +57,15 @@ def test_output_name_is_a_name_not_a_path(monkeypatch):
     with pytest.raises(ConfigError, match="path separator") as caught:
         load(MNIST, ["output.name=a/b"])
     assert "output.root" in caught.value.suggestion
+
+
+def test_a_run_that_fails_to_build_leaves_no_directory(tmp_path):
+    from titanax.config import train
+    from titanax.exceptions import TitanaxError
+
+    cfg = load(MNIST, [f"output.root={tmp_path}", "mesh.shape=[3]"])  # 3 does not divide 8 devices
+    where = resolve_run_directory(cfg, name="mnist_dp")
+    assert where.path.is_dir()  # reserved when chosen
+    with pytest.raises(TitanaxError):
+        train(cfg, run_directory=where)
+    assert not where.path.exists() and list(tmp_path.iterdir()) == []

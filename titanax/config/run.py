@@ -278,7 +278,12 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print,
     import jax
 
     cfg = run_directory.config if run_directory is not None else cfg
-    run = prepare(cfg)
+    try:
+        run = prepare(cfg)
+    except BaseException:
+        if run_directory is not None:
+            run_directory.discard()  # reserved when chosen: a run that fails to build leaves no empty folder
+        raise
     say = echo if jax.process_index() == 0 else (lambda _line: None)
     if run_directory is not None:
         run_directory.create()

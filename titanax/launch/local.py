@@ -167,13 +167,14 @@ class _Output:
 # "[Gloo] Rank 0 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3". A
 # process's ranks print theirs from several threads at once, piece by piece, so the pieces of two
 # lines arrive interleaved ("[Gloo] Rank [Gloo] Rank 1 is connected to ..." then "0 is connected to
-# ..."): a line made of nothing but those pieces is chatter.
+# ..."): a line holding one of the message's own phrases and nothing but its pieces is chatter.
 _CHATTER_PIECES = re.compile(r"\[Gloo\] Rank |Expected number of connected peer ranks is :|is connected to"
                              r"|peer ranks\.?|\d+|\s+")
+_CHATTER_PHRASES = ("[Gloo] Rank ", "is connected to", "Expected number of connected peer ranks")
 
 
 def _is_chatter(text: str) -> bool:
-    return ("[Gloo]" in text or "peer ranks" in text) and not _CHATTER_PIECES.sub("", text)
+    return any(phrase in text for phrase in _CHATTER_PHRASES) and not _CHATTER_PIECES.sub("", text)
 
 
 def _pump(pipe: IO[bytes], prefix: str, out: _Output, verbose: bool = False) -> None:
